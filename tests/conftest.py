@@ -1,0 +1,59 @@
+"""Shared fixtures: small hand-checkable profiles, and the one Ray cluster of a test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from twin.latency import StepTimeModel
+from twin.profile import AdapterLoadTable, KVCapacityModel, Profile, SchedulerQuirks
+
+
+def make_profile(
+    *,
+    kv_tokens: int = 1 << 20,
+    max_model_len: int = 4096,
+    const_ms: float = 10.0,
+    prefill_ms_per_token: float = 0.0,
+    decode_ms_per_seq: float = 0.0,
+    ctx_ms_per_ktoken: float = 0.0,
+    lora_adapter_ms: float = 0.0,
+    gpu_load_ms: float = 0.0,
+    disk_load_ms: float = 0.0,
+    preallocate_blocks: int = 0,
+    admit_only_if_prompt_fits: bool = False,
+    graph_max_tokens: int = 0,
+    graph_ms_per_token: float = 0.0,
+    eager_ms: float = 0.0,
+    lora_ms_per_ktoken: float = 0.0,
+) -> Profile:
+    """A profile whose step time is easy to compute by hand (default: every step 10 ms)."""
+    return Profile(
+        name="hand",
+        gpu="none",
+        model="hand-model",
+        vllm_version="test",
+        max_model_len=max_model_len,
+        step_model=StepTimeModel(
+            const=const_ms,
+            prefill_tokens=prefill_ms_per_token,
+            eager_decode_seqs=decode_ms_per_seq,
+            ctx_ktokens=ctx_ms_per_ktoken,
+            lora_adapters=lora_adapter_ms,
+            graph_decode_tokens=graph_ms_per_token,
+            eager_const=eager_ms,
+            lora_ktokens=lora_ms_per_ktoken,
+            lora_rank_ktokens=lora_ms_per_ktoken,
+            cuda_graph_max_tokens=graph_max_tokens,  # default 0: every step eager, no padding
+        ),
+        kv_capacity=KVCapacityModel(kv_tokens, 0.0, 0.0, kv_tokens, ()),
+        adapter_loads=AdapterLoadTable({}, {}, gpu_load_ms, disk_load_ms),
+        scheduler=SchedulerQuirks(
+            kv_preallocate_blocks=preallocate_blocks,
+            admit_only_if_prompt_fits=admit_only_if_prompt_fits,
+        ),
+    )
+
+
+@pytest.fixture
+def hand_profile() -> Profile:
+    return make_profile()

@@ -1,0 +1,156 @@
+"""A deliberately naive emulator of the same vLLM V1 rules, O(batch) per step.
+
+It walks the running and waiting lists exactly as vLLM's ``Scheduler.schedule()`` does, with no
+aggregate bookkeeping, so it is easy to check against the vLLM source by eye. The fast engine
+(twin/engine.py) must produce identical per-request timings on any input where adapter loads
+cost nothing (eviction tie-breaks are an implementation detail) and no request comes within
+``kv_preallocate_blocks`` blocks of max_model_len (the fast engine does not cap preallocation
+there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from twin.config import EngineConfig
+from twin.profile import Profile
+
+
+def naive_run(
+    arrival_s: np.ndarray,
+    adapter: np.ndarray,
+    prompt_len: np.ndarray,
+    output_len: np.ndarray,
+    config: EngineConfig,
+    profile: Profile,
+    duration_s: float,
+) -> dict[str, np.ndarray]:
+    bs = config.block_size
+    pre = profile.scheduler.kv_preallocate_blocks
+    max_len = profile.effective_max_model_len(config)
+    total_blocks = profile.kv_tokens(config) // bs - 1  # the null block
+    full_check = profile.scheduler.admit_only_if_prompt_fits
+    cap = -(-max_len // bs)
+    lora = config.enable_lora
+
+    n = len(arrival_s)
+    gen = [0] * n
+    ncomp = [0] * n
+    held = [0] * n
+    first = [math.nan] * n
+    fin = [math.nan] * n
+    npre = [0] * n
+    decoding = [False] * n
+    waiting: list[int] = []
+    running: list[int] = []
+    free = total_blocks
+    t = 0.0
+    ai = 0
+    steps = 0
+    while True:
+        while ai < n and arrival_s[ai] <= t:
+            if prompt_len[ai] + output_len[ai] <= max_len:
+                waiting.append(ai)
+            ai += 1
+        if not running and not waiting:
+            if ai >= n or arrival_s[ai] >= duration_s:
+                break
+            t = float(arrival_s[ai])
+            continue
+        if t >= duration_s:
+            break
+        budget = config.max_num_batched_tokens
+        scheduled: list[tuple[int, int]] = []
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            num_new = min(prompt_len[r] + gen[r] - ncomp[r], budget)
+            need = -(-(ncomp[r] + num_new) // bs) - held[r]
+            self_preempted = False
+            while need > 0 and free < need:
+                victim = running.pop()
+                free += held[victim]
+                held[victim] = 0
+                ncomp[victim] = 0
+                decoding[victim] = False
+                npre[victim] += 1
+                waiting.insert(0, victim)
+                preempted = True
+                if victim == r:
+                    self_preempted = True
+                    break
+            if self_preempted:
+                break
+            if need > 0:
+                got = min(need + pre, free, cap - held[r])
+                held[r] += got
+                free -= got
+            scheduled.append((r, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted:
+            loras = {int(adapter[r]) for r, _ in scheduled if adapter[r] >= 0}
+            idx = 0
+            while idx < len(waiting) and budget > 0:
+                if len(running) >= config.max_num_seqs:
+                    break
+                r = waiting[idx]
+                a = int(adapter[r])
+                if lora and a >= 0 and len(loras) >= config.max_loras and a not in loras:
+                    idx += 1
+                    continue
+                num_new = min(prompt_len[r] + gen[r], budget)
+                need = -(-num_new // bs)
+                whole = -(-(prompt_len[r] + gen[r]) // bs)
+                if free < (whole if full_check else need):
+                    break
+                got = min(need + pre, free, cap)
+                held[r] = got
+                free -= got
+                ncomp[r] = 0
+                waiting.pop(idx)
+                running.append(r)
+                scheduled.append((r, num_new))
+                budget -= num_new
+                if a >= 0:
+                    loras.add(a)
+        p_tok = 0
+        d = 0
+        k_ctx = 0
+        for r, num in scheduled:
+            k_ctx += ncomp[r] + num
+            if decoding[r]:
+                d += 1
+            else:
+                p_tok += num
+        n_adapters = len({int(adapter[r]) for r in running if adapter[r] >= 0}) if lora else 0
+        dt = float(
+            profile.step_model.predict_ms(
+                prefill_tokens=p_tok, decode_seqs=d, ctx_tokens=k_ctx, lora_adapters=n_adapters,
+                lora_enabled=lora, max_lora_rank=config.max_lora_rank,
+            )[0]
+        )
+        t += dt / 1e3
+        steps += 1
+        for r, num in scheduled:
+            ncomp[r] += num
+            if ncomp[r] < prompt_len[r] + gen[r]:
+                continue
+            gen[r] += 1
+            decoding[r] = True
+            if math.isnan(first[r]):
+                first[r] = t
+            if gen[r] >= output_len[r]:
+                fin[r] = t
+                running.remove(r)
+                free += held[r]
+                held[r] = 0
+    return {
+        "first_token_s": np.asarray(first),
+        "finish_s": np.asarray(fin),
+        "preemptions": np.asarray(npre),
+        "steps": np.asarray(steps),
+    }

@@ -1,0 +1,99 @@
+"""Calibration from the bundled reference measurements (data/reference, H100 + vLLM 0.8.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twin.calibrate import (
+    CalibrationError,
+    calibrate_reference,
+    fit_adapter_loads,
+    fit_kv_capacity,
+    load_reference,
+    smape,
+)
+from twin.step_features import replay_logged_tokens, simulated_steps
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "reference" / "vllm-0.8.5-h100"
+LLAMA = "llama-3.1-8b-instruct"
+
+
+@pytest.fixture(scope="module")
+def llama_ref():
+    return load_reference(DATA, LLAMA)
+
+
+def test_smape_is_the_standard_definition():
+    assert smape(np.array([100.0]), np.array([100.0])) == 0.0
+    assert smape(np.array([100.0]), np.array([50.0])) == pytest.approx(200 * 50 / 150)
+    assert smape(np.array([1.0, 3.0]), np.array([3.0, 1.0])) == pytest.approx(100.0)
+
+
+def test_replay_splits_logged_tokens_into_prefill_and_decode():
+    # prompts of 5 tokens, 3 output tokens: 2 prompts (10), then their decodes plus a third
+    # prompt (2 + 5), then decodes (3), ...
+    rows, bad = replay_logged_tokens(np.array([10, 7, 3, 1]), 5, 3, max_seqs=4)
+    assert bad == 0
+    p, d, k, admitted, finished = rows.T
+    assert p.tolist() == [10, 5, 0, 0]
+    assert d.tolist() == [0, 2, 3, 1]
+    assert admitted.tolist() == [2, 1, 0, 0]
+    assert finished.tolist() == [0, 0, 2, 1]
+    assert k[1] == 6 + 6 + 5  # two decodes at context 6 and a 5-token prefill
+    # a logged total the running requests cannot explain is flagged
+    _, bad = replay_logged_tokens(np.array([10, 1]), 5, 3, max_seqs=4)
+    assert bad == 1
+
+
+def test_simulated_decode_sweep_runs_full_waves():
+    rows = simulated_steps(prompt_len=5, output_len=100, n_prompts=400, max_seqs=100,
+                           one_adapter_each=False)
+    decode = rows[:, 1]
+    assert decode.max() == 100
+    assert rows[:, 3].sum() == 400 and rows[:, 4].sum() == 400  # all admitted and finished
+    # between admissions the batch is the full wave
+    assert np.median(decode) == 100
+
+
+def test_kv_law_matches_the_probes_within_5_percent(llama_ref):
+    kv = fit_kv_capacity(llama_ref.kv, llama_ref.runs)
+    ok = llama_ref.kv[llama_ref.kv["status"] == "ok"]
+    law = kv.base_tokens - ok["max_loras"] * (
+        kv.per_slot_tokens + kv.per_slot_rank_tokens * ok["max_lora_rank"]
+    )
+    err = np.abs(law - ok["kv_cache_tokens"]) / ok["kv_cache_tokens"]
+    assert err.max() < 0.05
+
+
+def test_load_table_keeps_the_slot_padding_effect(llama_ref):
+    loads = fit_adapter_loads(llama_ref.loads)
+    # a rank-8 adapter in a rank-32 slot activates slower than a rank-32 one (README)
+    assert loads.gpu_load_ms(32, 8) > loads.gpu_load_ms(32, 32)
+    assert loads.disk_load_ms(32) > loads.disk_load_ms(8)
+
+
+def test_calibration_fits_held_out_steps(tmp_path):
+    profile, report = calibrate_reference(DATA, LLAMA)
+    assert report["held_out"]["steps"] > 10_000
+    # the parametric model must predict steps of runs it never saw within a few percent
+    assert report["held_out"]["smape_pct"] < 3.0
+    for row in report["held_out_by_sweep"]:
+        assert row["smape_pct"] < 5.0, row
+    # rank was never varied on large batches in these sweeps: the fit must not invent a slope
+    assert profile.step_model.lora_rank_ktokens == 0.0
+    assert "lora_rank_ktokens" in report["fixed_at_zero"]
+    path = tmp_path / "p.yaml"
+    profile.to_yaml(path)
+    assert path.read_text().startswith("format_version: 1")
+
+
+def test_calibration_errors_name_the_problem(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        load_reference(tmp_path / "nope", LLAMA)
+    with pytest.raises(CalibrationError, match="missing"):
+        load_reference(tmp_path, LLAMA)
+    with pytest.raises(CalibrationError, match="no rows for model 'gpt-9'"):
+        load_reference(DATA, "gpt-9")

@@ -1,0 +1,62 @@
+"""The step-time model's feature definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from twin.latency import FEATURES, StepTimeModel, cuda_graph_sizes, design_matrix, padding_table
+
+
+def test_cuda_graph_sizes_follow_vllm_defaults():
+    sizes = cuda_graph_sizes(512)
+    assert sizes[:5] == [1, 2, 4, 8, 16]
+    assert sizes[-1] == 512
+    assert all(b - a == 8 for a, b in zip(sizes[3:], sizes[4:], strict=False))
+    assert cuda_graph_sizes(0) == []
+
+
+@pytest.mark.parametrize(
+    ("tokens", "padded"), [(1, 1), (3, 4), (5, 8), (8, 8), (9, 16), (511, 512)]
+)
+def test_padding_rounds_up_to_the_next_graph(tokens, padded):
+    assert padding_table(512)[tokens] == padded
+
+
+def test_graph_steps_pay_for_padding_and_eager_steps_for_sequences():
+    m = StepTimeModel(const=1.0, graph_decode_tokens=0.5, eager_decode_seqs=0.25, eager_const=7.0,
+                      cuda_graph_max_tokens=16)
+    small = m.predict_ms(prefill_tokens=0, decode_seqs=5, ctx_tokens=0, lora_adapters=0,
+                         lora_enabled=False, max_lora_rank=8)
+    assert small[0] == pytest.approx(1.0 + 0.5 * 8)  # 5 decodes run as an 8-row graph
+    big = m.predict_ms(prefill_tokens=0, decode_seqs=20, ctx_tokens=0, lora_adapters=0,
+                       lora_enabled=False, max_lora_rank=8)
+    assert big[0] == pytest.approx(1.0 + 7.0 + 0.25 * 20)
+
+
+def test_lora_terms_only_apply_with_lora_and_rank_term_is_zero_at_rank_8():
+    m = StepTimeModel(lora_const=2.0, lora_adapters=0.5, lora_ktokens=10.0, lora_rank_ktokens=4.0,
+                      cuda_graph_max_tokens=0)
+    kw = dict(prefill_tokens=1000, decode_seqs=0, ctx_tokens=0, lora_adapters=4)
+    off = m.predict_ms(lora_enabled=False, max_lora_rank=8, **kw)[0]
+    r8 = m.predict_ms(lora_enabled=True, max_lora_rank=8, **kw)[0]
+    r24 = m.predict_ms(lora_enabled=True, max_lora_rank=24, **kw)[0]
+    assert off == 0.0
+    assert r8 == pytest.approx(2.0 + 0.5 * 4 + 10.0)
+    assert r24 - r8 == pytest.approx(4.0 * 2)
+
+
+def test_design_matrix_has_one_column_per_feature():
+    x = design_matrix(prefill_tokens=np.array([0, 100]), decode_seqs=np.array([3, 0]),
+                      ctx_tokens=np.array([10, 50]), lora_adapters=1, lora_enabled=1,
+                      max_lora_rank=16)
+    assert x.shape == (2, len(FEATURES))
+
+
+def test_model_round_trips_and_rejects_unknown_coefficients():
+    m = StepTimeModel(const=3.0, ctx_ktokens=0.1, cuda_graph_max_tokens=256)
+    assert StepTimeModel.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match="unknown coefficient"):
+        StepTimeModel.from_dict({"const": 1.0, "decode_tokenz": 2.0})
+    with pytest.raises(ValueError, match="step_model.const"):
+        StepTimeModel(const=float("nan"))

@@ -1,0 +1,582 @@
+"""Step-by-step emulation of one vLLM V1 engine serving LoRA adapters, in simulated time.
+
+What it reproduces (see docs/vllm_v1_semantics.md for the source references):
+
+* ``schedule()``: running requests first (a decode is 1 token, an unfinished prefill gets its next
+  chunk) within the token budget, then waiting requests in FCFS order, chunked prefill, at most
+  ``max_num_seqs`` running, no waiting admissions in a step that preempted;
+* the LoRA admission rule: once the step's adapter set holds ``max_loras`` adapters, a waiting
+  request of another adapter is skipped (the scan goes on, order is preserved);
+* paged KV: blocks of ``block_size`` tokens (one reserved as vLLM's null block), allocated on
+  demand (plus the version's preallocation; it is not capped at max_model_len, which over-counts
+  at most that many blocks for a request that ends within them of max_model_len);
+  when a running request cannot get a block, the newest running request is preempted (recompute:
+  its KV is freed and it goes back to the front of the queue);
+* adapters: GPU slots and the CPU cache are LRUs of ``max_loras`` / ``max_cpu_loras`` entries,
+  adapters in the running batch are never evicted, and a missing adapter costs a disk->CPU and/or
+  CPU->GPU load in the step that first needs it.
+
+Speed: the loop's work per step is O(changes), never O(batch). Decoding requests are not touched
+per step: each stores the engine's decode clock when it entered decode, from which its token count
+is derived; finishes come from a heap keyed by that clock; the number of requests that need a new
+KV block in a step comes from a histogram of (block-boundary clock mod allocation period). Waiting
+requests sit in per-adapter FIFOs plus the global FCFS order, with a lazy heap over the heads of
+in-set adapters, so the skip-scan of the LoRA rule costs O(log n) per admission, not a queue scan.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from twin.config import EngineConfig
+from twin.latency import RANK_REFERENCE, padding_table
+from twin.profile import Profile
+
+# request states
+_PENDING, _WAITING, _RUNNING, _DONE, _REJECTED = 0, 1, 2, 3, 4
+
+
+@dataclass
+class StepTrace:
+    """Per-step features and durations (only collected when asked: calibration, debugging)."""
+
+    prefill_tokens: list[int] = field(default_factory=list)
+    decode_seqs: list[int] = field(default_factory=list)
+    ctx_tokens: list[int] = field(default_factory=list)
+    lora_adapters: list[int] = field(default_factory=list)
+    loads: list[int] = field(default_factory=list)
+    admitted: list[int] = field(default_factory=list)  # requests newly admitted this step
+    finished: list[int] = field(default_factory=list)  # requests that finished in this step
+    step_ms: list[float] = field(default_factory=list)
+    start_s: list[float] = field(default_factory=list)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class EngineResult:
+    """Raw outcome of one engine run; ``twin.metrics`` turns it into the benchmark's figures."""
+
+    first_token_s: np.ndarray  # nan where no token was produced
+    finish_s: np.ndarray  # nan where unfinished
+    generated: np.ndarray  # output tokens produced (at the end of the run)
+    preemptions: np.ndarray  # per request
+    rejected: np.ndarray  # bool: longer than max_model_len
+    itl_gap_ms: np.ndarray  # distinct decode-step durations ...
+    itl_weight: np.ndarray  # ... and how many decode tokens each produced
+    preempt_gap_ms: np.ndarray  # extra inter-token gaps of requests resumed after preemption
+    engine_steps: int
+    simulated_s: float
+    wall_s: float
+    kv_blocks_total: int
+    gpu_loads: int
+    disk_loads: int
+    timeseries: dict[str, np.ndarray]
+    trace: StepTrace | None = None
+
+
+def run_engine(
+    arrival_s: np.ndarray,
+    adapter: np.ndarray,
+    prompt_len: np.ndarray,
+    output_len: np.ndarray,
+    adapter_ranks: list[int] | np.ndarray,
+    config: EngineConfig,
+    profile: Profile,
+    duration_s: float,
+    *,
+    timeseries_interval_s: float = 10.0,
+    record_trace: bool = False,
+    preload_cpu: bool = True,
+) -> EngineResult:
+    """Emulate one engine on arrival-sorted requests until ``duration_s`` of simulated time.
+
+    A pure function of its inputs (no randomness inside): identical inputs give identical output.
+    ``adapter[i] == -1`` is a base-model request. ``preload_cpu`` registers the adapters in the
+    CPU cache at start (the reference servers pre-register theirs), up to ``max_cpu_loras``.
+    """
+    wall0 = time.perf_counter()
+    kv_tokens = profile.check_feasible(config)
+    max_len = profile.effective_max_model_len(config)
+
+    bs = config.block_size
+    pre = profile.scheduler.kv_preallocate_blocks
+    full_prompt_check = profile.scheduler.admit_only_if_prompt_fits
+    grab = 1 + pre  # blocks a decode takes when it crosses a block boundary (if free)
+    period = bs * grab  # decode steps between two allocations of one request
+    total_blocks = kv_tokens // bs - 1  # vLLM reserves one null block
+    max_blocks_req = -(-max_len // bs)
+    budget_max = config.max_num_batched_tokens
+    max_seqs = config.max_num_seqs
+    max_loras = config.max_loras if config.enable_lora else 0
+    lora_on = config.enable_lora
+    max_rank = config.max_lora_rank
+    gpu_slots = config.max_loras
+    cpu_slots = config.cpu_slots
+
+    sm = profile.step_model
+    c_const = sm.const + (sm.lora_const if lora_on else 0.0)
+    c_pref = sm.prefill_tokens + (sm.lora_prefill_ktokens / 1e3 if lora_on else 0.0)
+    c_graph = sm.graph_decode_tokens
+    c_edec = sm.eager_decode_seqs
+    c_eager = sm.eager_const
+    c_ctx = sm.ctx_ktokens / 1e3
+    c_lad = sm.lora_adapters if lora_on else 0.0
+    c_ltok = (
+        (sm.lora_ktokens + sm.lora_rank_ktokens * max(max_rank - RANK_REFERENCE, 0) / 8) / 1e3
+        if lora_on
+        else 0.0
+    )
+    graph_max = sm.cuda_graph_max_tokens
+    pad = padding_table(graph_max)
+    loads_tab = profile.adapter_loads
+    ranks = [int(r) for r in adapter_ranks]
+    gpu_ms = [loads_tab.gpu_load_ms(max_rank, r) for r in ranks]
+    disk_ms = [loads_tab.disk_load_ms(r) for r in ranks]
+
+    arr = arrival_s.tolist()
+    adp = adapter.astype(np.int64).tolist()
+    plen = prompt_len.astype(np.int64).tolist()
+    olen = output_len.astype(np.int64).tolist()
+    n = len(arr)
+
+    state = bytearray(n)
+    gen = [0] * n  # generated tokens (decoders: at decode entry)
+    ncomp = [0] * n  # computed tokens (prefill phase)
+    held = [0] * n  # KV blocks (decoders: at decode entry)
+    dc_in = [0] * n  # decode clock at decode entry
+    trig0 = [0] * n  # first decode clock at which a decoder needs a block
+    pos = [0] * n  # running-order stamp
+    epoch = [0] * n
+    is_dec = bytearray(n)
+    first_t = [math.nan] * n
+    fin_t = [math.nan] * n
+    npre = [0] * n
+    resume_t = [math.nan] * n  # time of the last token before a preemption
+    preempt_gaps: list[float] = []
+
+    for i in range(n):
+        if plen[i] + olen[i] > max_len:
+            state[i] = _REJECTED
+
+    # running set in running order; prefill-phase subset; decoder aggregates
+    run: dict[int, None] = {}
+    pf: list[int] = []
+    ndec = 0
+    s_nb = 0  # sum over decoders of (computed tokens - decode clock)
+    bmem: list[set[int]] = [set() for _ in range(period)]
+    fheap: list[tuple[int, int, int]] = []  # (finish clock, rid, epoch)
+    dc = 0
+    free = total_blocks
+    pos_ctr = 0
+
+    # waiting queues
+    wq: dict[int, deque[int]] = {}
+    # global FCFS order = preempted requests (front, newest first) then arrivals in order; both
+    # are scanned lazily (entries whose key no longer matches were admitted meanwhile)
+    front: deque[tuple[int, int]] = deque()
+    gq: deque[int] = deque()
+    sheap: list[tuple[int, int]] = []  # (key, rid) heads of in-set adapters (and base model)
+    wkey = [0] * n
+    nwait = 0
+    front_key = 0  # preempted requests get decreasing negative keys: front of the queue
+
+    # adapters: running counts, residency LRUs (only idle adapters are evictable)
+    acnt: dict[int, int] = {}
+    nact = 0
+    gpu_res: set[int] = set()
+    gpu_idle: OrderedDict[int, None] = OrderedDict()
+    cpu_res: set[int] = set()
+    cpu_idle: OrderedDict[int, None] = OrderedDict()
+    if preload_cpu:
+        for a in range(min(cpu_slots, len(ranks))):
+            cpu_res.add(a)
+            cpu_idle[a] = None
+    n_gpu_loads = 0
+    n_disk_loads = 0
+
+    itl_gap: list[float] = []
+    itl_w: list[int] = []
+    ts_t: list[float] = []
+    ts_run: list[int] = []
+    ts_wait: list[int] = []
+    ts_kv: list[float] = []
+    ts_pre: list[int] = []
+    n_preempt = 0
+    n_fin_total = 0
+    next_ts = 0.0
+    trace = StepTrace() if record_trace else None
+
+    def dec_held(rid: int, clock: int) -> int:
+        t0 = trig0[rid]
+        if clock <= t0:
+            return held[rid]
+        return held[rid] + grab * ((clock - t0 - 1) // period + 1)
+
+    def leave_adapter(a: int) -> None:
+        nonlocal nact
+        if a < 0:
+            return
+        c = acnt[a] - 1
+        acnt[a] = c
+        if c == 0:
+            nact -= 1
+            gpu_idle[a] = None
+            cpu_idle[a] = None
+
+    def remove_decoder(rid: int) -> int:
+        """Detach a decoder from the aggregates; returns its KV blocks (see dec_held)."""
+        nonlocal ndec, s_nb
+        is_dec[rid] = 0
+        ndec -= 1
+        s_nb -= plen[rid] + gen[rid] - 1 - dc_in[rid]
+        t0 = trig0[rid]
+        bmem[t0 % period].discard(rid)
+        gen[rid] += dc - dc_in[rid]
+        if dc <= t0:
+            return held[rid]
+        return held[rid] + grab * ((dc - t0 - 1) // period + 1)
+
+    def add_decoder(rid: int, h: int) -> None:
+        """Register a request that will decode from clock ``dc`` on, holding ``h`` blocks."""
+        nonlocal ndec, s_nb
+        is_dec[rid] = 1
+        ndec += 1
+        nc = plen[rid] + gen[rid] - 1
+        s_nb += nc - dc
+        dc_in[rid] = dc
+        held[rid] = h
+        t0 = dc + h * bs - nc
+        trig0[rid] = t0
+        bmem[t0 % period].add(rid)
+        heapq.heappush(fheap, (dc + olen[rid] - gen[rid], rid, epoch[rid]))
+
+    def preempt_tail(now: float) -> int:
+        """Preempt the newest running request (vLLM FCFS policy); returns its rid."""
+        nonlocal free, nwait, front_key, n_preempt
+        rid, _ = run.popitem()
+        if is_dec[rid]:
+            free += remove_decoder(rid)
+        else:
+            free += held[rid]
+            pf.remove(rid)
+        held[rid] = 0
+        ncomp[rid] = 0
+        epoch[rid] += 1
+        npre[rid] += 1
+        n_preempt += 1
+        if gen[rid] > 0:
+            resume_t[rid] = now
+        state[rid] = _WAITING
+        nwait += 1
+        a = adp[rid]
+        leave_adapter(a)
+        front_key -= 1
+        wkey[rid] = front_key
+        q = wq.get(a)
+        if q is None:
+            q = wq[a] = deque()
+        q.appendleft(rid)
+        front.appendleft((front_key, rid))
+        if a < 0 or acnt.get(a, 0) > 0:
+            heapq.heappush(sheap, (front_key, rid))
+        return rid
+
+    def activate(a: int) -> float:
+        """Adapter ``a`` joins the running set: make it GPU resident; returns load ms."""
+        nonlocal nact, n_gpu_loads, n_disk_loads
+        acnt[a] = 1
+        nact += 1
+        q = wq.get(a)
+        if q:
+            heapq.heappush(sheap, (wkey[q[0]], q[0]))
+        if a in gpu_res:
+            gpu_idle.pop(a, None)
+            cpu_idle.pop(a, None)
+            return 0.0
+        cost = 0.0
+        if a in cpu_res:
+            cpu_idle.pop(a, None)
+        else:
+            if len(cpu_res) >= cpu_slots:
+                victim, _ = cpu_idle.popitem(last=False)
+                cpu_res.discard(victim)
+                if victim in gpu_res:
+                    gpu_res.discard(victim)
+                    gpu_idle.pop(victim, None)
+            cpu_res.add(a)
+            cost += disk_ms[a]
+            n_disk_loads += 1
+        if len(gpu_res) >= gpu_slots:
+            victim, _ = gpu_idle.popitem(last=False)
+            gpu_res.discard(victim)
+        gpu_res.add(a)
+        n_gpu_loads += 1
+        return cost + gpu_ms[a]
+
+    t = 0.0
+    ai = 0
+    steps = 0
+    while True:
+        # arrivals up to now join the waiting queue
+        while ai < n and arr[ai] <= t:
+            if state[ai] == _PENDING:
+                state[ai] = _WAITING
+                nwait += 1
+                a = adp[ai]
+                q = wq.get(a)
+                if q is None:
+                    q = wq[a] = deque()
+                wkey[ai] = ai + 1
+                q.append(ai)
+                gq.append(ai)
+                if len(q) == 1 and (a < 0 or acnt.get(a, 0) > 0):
+                    heapq.heappush(sheap, (ai + 1, ai))
+            ai += 1
+        if not run and nwait == 0:
+            if ai >= n or arr[ai] >= duration_s:
+                break
+            t = arr[ai]
+            continue
+        if t >= duration_s:
+            break
+        if t >= next_ts:
+            ts_t.append(t)
+            ts_run.append(len(run))
+            ts_wait.append(nwait)
+            ts_kv.append(1.0 - free / total_blocks)
+            ts_pre.append(n_preempt)
+            next_ts += timeseries_interval_s
+
+        # ---------------- schedule: running requests ----------------
+        fin_before = n_fin_total
+        n_admitted = 0
+        preempted = False
+        load_ms = 0.0
+        loads_here = 0
+        slot = dc % period
+        ntr = len(bmem[slot])
+        if ntr and free < ntr * grab and grab == 1:
+            # out of blocks, one block each: vLLM walks running in order and preempts from the
+            # tail whenever it runs dry; the victims are the shortest tail that frees enough
+            # blocks for the members that remain, so take them from the tail directly
+            members = bmem[slot]
+            need = ntr
+            while free < need:
+                victim = next(reversed(run))
+                if victim in members:
+                    need -= 1
+                preempt_tail(t)
+                preempted = True
+            free -= need
+        elif ntr and free < ntr * grab:
+            # with preallocation a member may get fewer blocks than it asks: walk in order
+            for rid in sorted(bmem[slot], key=pos.__getitem__):
+                if state[rid] != _RUNNING or not is_dec[rid]:
+                    continue
+                while free < 1 and state[rid] == _RUNNING:
+                    preempt_tail(t)
+                    preempted = True
+                if state[rid] != _RUNNING:
+                    break
+                got = min(grab, free, max_blocks_req - dec_held(rid, dc))
+                free -= got
+                if got < grab:
+                    # re-register with the blocks it really holds (clock arithmetic changes)
+                    blocks = remove_decoder(rid) + got
+                    epoch[rid] += 1
+                    add_decoder(rid, blocks)
+                    # add_decoder put it at the same clock: it already holds this step's block
+        elif ntr:
+            free -= ntr * grab
+        budget = budget_max - ndec
+        sched: list[tuple[int, int]] = []  # (rid, chunk) prefill work this step
+        if pf and budget > 0:
+            for rid in list(pf):
+                if budget <= 0 or state[rid] != _RUNNING:
+                    break
+                need_total = plen[rid] + gen[rid]
+                chunk = min(need_total - ncomp[rid], budget)
+                need = -(-(ncomp[rid] + chunk) // bs) - held[rid]
+                while need > 0 and free < need and state[rid] == _RUNNING:
+                    preempt_tail(t)
+                    preempted = True
+                if state[rid] != _RUNNING:
+                    break
+                if need > 0:
+                    got = min(need + pre, free, max_blocks_req - held[rid])
+                    held[rid] += got
+                    free -= got
+                sched.append((rid, chunk))
+                budget -= chunk
+
+        # ---------------- schedule: waiting requests ----------------
+        if not preempted:
+            while budget > 0 and nwait and len(run) < max_seqs:
+                rid = -1
+                if lora_on and nact >= max_loras:
+                    # adapter set full: earliest waiting request of an in-set adapter
+                    while sheap:
+                        k, r = sheap[0]
+                        a = adp[r]
+                        if (
+                            state[r] == _WAITING
+                            and wkey[r] == k
+                            and (a < 0 or acnt.get(a, 0) > 0)
+                            and wq[a][0] == r
+                        ):
+                            rid = r
+                            break
+                        heapq.heappop(sheap)
+                else:
+                    while front:
+                        k, r = front[0]
+                        if state[r] == _WAITING and wkey[r] == k:
+                            rid = r
+                            break
+                        front.popleft()
+                    if rid < 0:
+                        while gq:
+                            r = gq[0]
+                            if state[r] == _WAITING and wkey[r] == r + 1:
+                                rid = r
+                                break
+                            gq.popleft()
+                if rid < 0:
+                    break
+                need_total = plen[rid] + gen[rid]
+                chunk = min(need_total, budget)
+                need = -(-chunk // bs)
+                if free < (-(-need_total // bs) if full_prompt_check else need):
+                    break
+                got = min(need + pre, free, max_blocks_req)
+                free -= got
+                held[rid] = got
+                ncomp[rid] = 0
+                state[rid] = _RUNNING
+                nwait -= 1
+                a = adp[rid]
+                q = wq[a]
+                q.popleft()
+                if q and (a < 0 or acnt.get(a, 0) > 0):
+                    heapq.heappush(sheap, (wkey[q[0]], q[0]))
+                if a >= 0:
+                    if acnt.get(a, 0) == 0:
+                        load_ms += activate(a)
+                        loads_here += 1
+                    else:
+                        acnt[a] += 1
+                pos_ctr += 1
+                pos[rid] = pos_ctr
+                run[rid] = None
+                pf.append(rid)
+                sched.append((rid, chunk))
+                budget -= chunk
+                n_admitted += 1
+
+        # ---------------- execute: predicted step time ----------------
+        p_tok = 0
+        k_ctx = s_nb + ndec * (dc + 1)
+        for rid, chunk in sched:
+            p_tok += chunk
+            k_ctx += ncomp[rid] + chunk
+        if p_tok == 0 and ndec == 0:
+            if run:
+                raise RuntimeError("engine scheduled nothing while requests were running")
+            if ai >= n:
+                break
+            t = max(t, arr[ai])
+            continue
+        tot = p_tok + ndec
+        dt_ms = c_const + c_pref * p_tok + c_ctx * k_ctx + c_lad * nact + c_ltok * tot + load_ms
+        if tot <= graph_max:
+            dt_ms += c_graph * (pad[tot] - p_tok)
+        else:
+            dt_ms += c_edec * ndec + c_eager
+        if trace is not None:
+            trace.prefill_tokens.append(p_tok)
+            trace.decode_seqs.append(ndec)
+            trace.ctx_tokens.append(k_ctx)
+            trace.lora_adapters.append(nact)
+            trace.loads.append(loads_here)
+            trace.admitted.append(n_admitted)
+            trace.step_ms.append(dt_ms)
+            trace.start_s.append(t)
+        t += dt_ms / 1e3
+        steps += 1
+        if ndec:
+            itl_gap.append(dt_ms)
+            itl_w.append(ndec)
+        dc += 1
+
+        # ---------------- update: prefill progress, finishes ----------------
+        for rid, chunk in sched:
+            nc = ncomp[rid] + chunk
+            ncomp[rid] = nc
+            if nc < plen[rid] + gen[rid]:
+                continue
+            pf.remove(rid)
+            g = gen[rid] + 1
+            gen[rid] = g
+            if first_t[rid] != first_t[rid]:  # nan: first token of this request
+                first_t[rid] = t
+            elif resume_t[rid] == resume_t[rid]:
+                preempt_gaps.append((t - resume_t[rid]) * 1e3)
+                resume_t[rid] = math.nan
+            if g >= olen[rid]:
+                n_fin_total += 1
+                state[rid] = _DONE
+                fin_t[rid] = t
+                del run[rid]
+                free += held[rid]
+                leave_adapter(adp[rid])
+            else:
+                add_decoder(rid, held[rid])
+        while fheap and fheap[0][0] <= dc:
+            _, rid, ep = heapq.heappop(fheap)
+            if ep != epoch[rid] or state[rid] != _RUNNING or not is_dec[rid]:
+                continue
+            free += remove_decoder(rid)
+            n_fin_total += 1
+            state[rid] = _DONE
+            fin_t[rid] = t
+            del run[rid]
+            leave_adapter(adp[rid])
+        if trace is not None:
+            trace.finished.append(n_fin_total - fin_before)
+
+    # requests still decoding at the end: report the tokens they produced so far
+    for rid in run:
+        if is_dec[rid]:
+            gen[rid] += dc - dc_in[rid]
+    return EngineResult(
+        first_token_s=np.asarray(first_t, dtype=float),
+        finish_s=np.asarray(fin_t, dtype=float),
+        generated=np.asarray(gen, dtype=np.int64),
+        preemptions=np.asarray(npre, dtype=np.int64),
+        rejected=np.frombuffer(bytes(state), dtype=np.uint8) == _REJECTED,
+        itl_gap_ms=np.asarray(itl_gap, dtype=float),
+        itl_weight=np.asarray(itl_w, dtype=np.int64),
+        preempt_gap_ms=np.asarray(preempt_gaps, dtype=float),
+        engine_steps=steps,
+        simulated_s=min(t, duration_s),
+        wall_s=time.perf_counter() - wall0,
+        kv_blocks_total=total_blocks,
+        gpu_loads=n_gpu_loads,
+        disk_loads=n_disk_loads,
+        timeseries={
+            "t_s": np.asarray(ts_t),
+            "running": np.asarray(ts_run),
+            "waiting": np.asarray(ts_wait),
+            "kv_usage": np.asarray(ts_kv),
+            "preemptions": np.asarray(ts_pre),
+        },
+        trace=trace,
+    )

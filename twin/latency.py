@@ -1,0 +1,170 @@
+"""Step-time model: how long one engine step takes, from what the scheduler put in it.
+
+Linear in its parameters, so it is fitted by (non-negative) least squares and extrapolates to batch
+shapes the profiling sweeps never ran. The terms follow how a vLLM step runs on a GPU:
+
+* ``const``                 per-step fixed cost: launches, sampling, output processing, schedule();
+* ``prefill_tokens``        GEMM work of prompt tokens (compute bound);
+* ``graph_decode_tokens``   decode rows of a step replayed as a CUDA graph (total tokens <=
+                            ``cuda_graph_max_tokens``): the graph runs at its *padded* size
+                            (1, 2, 4, then multiples of 8), so padding rows cost like real ones;
+* ``eager_decode_seqs``, ``eager_const``: larger steps run eagerly, with a different per-row cost
+                            and a jump;
+* ``ctx_ktokens``           attention over the KV cache, per thousand context tokens attended;
+* ``lora_const``, ``lora_ktokens``, ``lora_prefill_ktokens``, ``lora_adapters``: the punica/SGMV
+                            LoRA kernels — a fixed cost, a cost per thousand batched tokens (and an
+                            extra one for prompt tokens), and a cost per *distinct* adapter in the
+                            batch (each adds a GEMM segment);
+* ``lora_rank_ktokens``     how the LoRA token cost grows with the slot rank: batched tokens/1000 x
+                            (max_lora_rank - 8)/8, zero at rank 8. Slots are sized by max_lora_rank,
+                            not by an adapter's own rank.
+
+Adapter loads are not in this model: their measured latencies are added per load
+(``twin.profile.AdapterLoadTable``). Scheduler time is inside a measured step, so it is inside
+``const`` and the per-sequence terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+FEATURES: tuple[str, ...] = (
+    "const",
+    "prefill_tokens",
+    "graph_decode_tokens",
+    "eager_decode_seqs",
+    "eager_const",
+    "ctx_ktokens",
+    "lora_const",
+    "lora_ktokens",
+    "lora_prefill_ktokens",
+    "lora_adapters",
+    "lora_rank_ktokens",
+)
+RANK_REFERENCE = 8
+
+
+def cuda_graph_sizes(max_tokens: int) -> list[int]:
+    """vLLM's default capture sizes up to ``max_tokens``: 1, 2, 4, then every multiple of 8."""
+    if max_tokens <= 0:
+        return []
+    return [s for s in [1, 2, 4, *range(8, max_tokens + 1, 8)] if s <= max_tokens]
+
+
+def padding_table(max_tokens: int) -> list[int]:
+    """pad[t] = the graph size a step of t tokens runs at (t itself when above the graphs)."""
+    sizes = cuda_graph_sizes(max_tokens)
+    table = list(range(max_tokens + 1))
+    j = 0
+    for t in range(1, max_tokens + 1):
+        while sizes[j] < t:
+            j += 1
+        table[t] = sizes[j]
+    return table
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    """Coefficients in ms per unit of each feature (module docstring), plus the graph limit."""
+
+    const: float = 0.0
+    prefill_tokens: float = 0.0
+    graph_decode_tokens: float = 0.0
+    eager_decode_seqs: float = 0.0
+    eager_const: float = 0.0
+    ctx_ktokens: float = 0.0
+    lora_const: float = 0.0
+    lora_ktokens: float = 0.0
+    lora_prefill_ktokens: float = 0.0
+    lora_adapters: float = 0.0
+    lora_rank_ktokens: float = 0.0
+    cuda_graph_max_tokens: int = 512  # 0: no CUDA graphs (CPU backend): every step is "eager"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"step_model.{f.name}: must be a finite number, got {value!r}")
+        if self.cuda_graph_max_tokens < 0:
+            raise ValueError("step_model.cuda_graph_max_tokens: must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "step_model") -> StepTimeModel:
+        known = (*FEATURES, "cuda_graph_max_tokens")
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown coefficient(s) {unknown}; known: {list(known)}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{where}.{k}: must be a number, got {v!r}")
+            kw[k] = int(v) if k == "cuda_graph_max_tokens" else float(v)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f: round(float(getattr(self, f)), 8) for f in FEATURES}
+        out["cuda_graph_max_tokens"] = self.cuda_graph_max_tokens
+        return out
+
+    def as_vector(self) -> np.ndarray:
+        return np.array([getattr(self, f) for f in FEATURES], dtype=float)
+
+    @classmethod
+    def from_vector(cls, vec: np.ndarray, cuda_graph_max_tokens: int = 512) -> StepTimeModel:
+        kw = {f: float(v) for f, v in zip(FEATURES, vec, strict=True)}
+        return cls(**kw, cuda_graph_max_tokens=cuda_graph_max_tokens)
+
+    def predict_ms(self, **batch: Any) -> np.ndarray:
+        """Vectorised prediction (arguments of ``design_matrix``); the engine inlines it."""
+        return design_matrix(cuda_graph_max_tokens=self.cuda_graph_max_tokens, **batch) @ (
+            self.as_vector()
+        )
+
+
+def design_matrix(
+    *,
+    prefill_tokens: Any,
+    decode_seqs: Any,
+    ctx_tokens: Any,
+    lora_adapters: Any,
+    lora_enabled: Any,
+    max_lora_rank: Any,
+    cuda_graph_max_tokens: int = 512,
+) -> np.ndarray:
+    """Rows of FEATURES per step: the one place where the features are defined."""
+    p = np.atleast_1d(np.asarray(prefill_tokens, dtype=float))
+    shape = p.shape
+
+    def col(x: Any) -> np.ndarray:
+        return np.broadcast_to(np.asarray(x, dtype=float), shape)
+
+    d, k, a, on, r = (
+        col(decode_seqs), col(ctx_tokens), col(lora_adapters), col(lora_enabled),
+        col(max_lora_rank),
+    )
+    t = p + d
+    graph = (t <= cuda_graph_max_tokens) & (t > 0) if cuda_graph_max_tokens > 0 else t < 0
+    if cuda_graph_max_tokens > 0:
+        pad = np.asarray(padding_table(cuda_graph_max_tokens), dtype=float)
+        tpad = np.where(graph, pad[np.clip(t, 0, cuda_graph_max_tokens).astype(int)], t)
+    else:
+        tpad = t
+    eager = ~graph & (t > 0)
+    return np.column_stack(
+        [
+            np.ones(shape),
+            p,
+            np.where(graph, tpad - p, 0.0),
+            np.where(eager, d, 0.0),
+            eager.astype(float),
+            k / 1e3,
+            on,
+            on * t / 1e3,
+            on * p / 1e3,
+            on * a,
+            on * t / 1e3 * np.maximum(r - RANK_REFERENCE, 0.0) / RANK_REFERENCE,
+        ]
+    )
