@@ -42,7 +42,7 @@ def make_profile(
             graph_decode_tokens=graph_ms_per_token,
             eager_const=eager_ms,
             lora_ktokens=lora_ms_per_ktoken,
-            lora_rank_ktokens=lora_ms_per_ktoken,
+            lora_slot_mtokens=lora_ms_per_ktoken,
             cuda_graph_max_tokens=graph_max_tokens,  # default 0: every step eager, no padding
         ),
         kv_capacity=KVCapacityModel(kv_tokens, 0.0, 0.0, kv_tokens, ()),

@@ -131,6 +131,7 @@ def naive_run(
             profile.step_model.predict_ms(
                 prefill_tokens=p_tok, decode_seqs=d, ctx_tokens=k_ctx, lora_adapters=n_adapters,
                 lora_enabled=lora, max_lora_rank=config.max_lora_rank,
+                max_loras=config.max_loras,
             )[0]
         )
         t += dt / 1e3

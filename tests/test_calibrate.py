@@ -82,9 +82,10 @@ def test_calibration_fits_held_out_steps(tmp_path):
     assert report["held_out"]["smape_pct"] < 3.0
     for row in report["held_out_by_sweep"]:
         assert row["smape_pct"] < 5.0, row
-    # rank was never varied on large batches in these sweeps: the fit must not invent a slope
-    assert profile.step_model.lora_rank_ktokens == 0.0
-    assert "lora_rank_ktokens" in report["fixed_at_zero"]
+    # LoRA steps were measured at max_loras 300 (decode sweeps) and 1 (loading runs): both the
+    # per-token and the per-slot terms are identifiable, and the 300-slot sweeps show the slots
+    assert report["fixed_at_zero"] == {}
+    assert profile.step_model.lora_slot_mtokens > 0
     path = tmp_path / "p.yaml"
     profile.to_yaml(path)
     assert path.read_text().startswith("format_version: 1")

@@ -27,29 +27,31 @@ def test_graph_steps_pay_for_padding_and_eager_steps_for_sequences():
     m = StepTimeModel(const=1.0, graph_decode_tokens=0.5, eager_decode_seqs=0.25, eager_const=7.0,
                       cuda_graph_max_tokens=16)
     small = m.predict_ms(prefill_tokens=0, decode_seqs=5, ctx_tokens=0, lora_adapters=0,
-                         lora_enabled=False, max_lora_rank=8)
+                         lora_enabled=False, max_lora_rank=8, max_loras=1)
     assert small[0] == pytest.approx(1.0 + 0.5 * 8)  # 5 decodes run as an 8-row graph
     big = m.predict_ms(prefill_tokens=0, decode_seqs=20, ctx_tokens=0, lora_adapters=0,
-                       lora_enabled=False, max_lora_rank=8)
+                       lora_enabled=False, max_lora_rank=8, max_loras=1)
     assert big[0] == pytest.approx(1.0 + 7.0 + 0.25 * 20)
 
 
-def test_lora_terms_only_apply_with_lora_and_rank_term_is_zero_at_rank_8():
-    m = StepTimeModel(lora_const=2.0, lora_adapters=0.5, lora_ktokens=10.0, lora_rank_ktokens=4.0,
+def test_lora_terms_follow_the_kernel_grid():
+    m = StepTimeModel(lora_const=2.0, lora_adapters=0.5, lora_ktokens=10.0, lora_slot_mtokens=4.0,
                       cuda_graph_max_tokens=0)
     kw = dict(prefill_tokens=1000, decode_seqs=0, ctx_tokens=0, lora_adapters=4)
-    off = m.predict_ms(lora_enabled=False, max_lora_rank=8, **kw)[0]
-    r8 = m.predict_ms(lora_enabled=True, max_lora_rank=8, **kw)[0]
-    r24 = m.predict_ms(lora_enabled=True, max_lora_rank=24, **kw)[0]
+    off = m.predict_ms(lora_enabled=False, max_lora_rank=8, max_loras=7, **kw)[0]
+    r8 = m.predict_ms(lora_enabled=True, max_lora_rank=8, max_loras=7, **kw)[0]
+    r32 = m.predict_ms(lora_enabled=True, max_lora_rank=32, max_loras=7, **kw)[0]
+    g63 = m.predict_ms(lora_enabled=True, max_lora_rank=8, max_loras=63, **kw)[0]
     assert off == 0.0
-    assert r8 == pytest.approx(2.0 + 0.5 * 4 + 10.0)
-    assert r24 - r8 == pytest.approx(4.0 * 2)
+    assert r8 == pytest.approx(2.0 + 0.5 * 4 + 10.0 + 4.0 * 1000 * 8 / 1e6)
+    assert r32 - r8 == pytest.approx(10.0 * 3)  # token work scales with the slot rank
+    assert g63 - r8 == pytest.approx(4.0 * 1000 * 56 / 1e6)  # launched blocks with max_loras
 
 
 def test_design_matrix_has_one_column_per_feature():
     x = design_matrix(prefill_tokens=np.array([0, 100]), decode_seqs=np.array([3, 0]),
                       ctx_tokens=np.array([10, 50]), lora_adapters=1, lora_enabled=1,
-                      max_lora_rank=16)
+                      max_lora_rank=16, max_loras=4)
     assert x.shape == (2, len(FEATURES))
 
 

@@ -192,23 +192,21 @@ def fit_step_model(
 
 
 UNIDENTIFIABLE_WHY = {
-    "lora_rank_ktokens": "no step with max_lora_rank != 8 and >= 64 batched tokens: a rank slope "
-    "fitted on single-token steps would be extrapolated 2000x",
+    "lora_slot_mtokens": "LoRA steps of >= 64 tokens were measured at a single max_loras, so the "
+    "slot term cannot be told apart from the per-token term",
     "lora_adapters": "no LoRA step with more than one distinct adapter",
-    "eager_decode_seqs": "no step above the CUDA-graph limit",
 }
-MIN_TOKENS_FOR_RANK = 64
+MIN_TOKENS = 64
 
 
 def unidentifiable_features(features: pd.DataFrame) -> list[str]:
     """Features the data cannot pin down: fitting them would only absorb noise that the model
-    then extrapolates (e.g. a rank slope seen only on one-token steps)."""
+    then extrapolates."""
     tokens = features["prefill_tokens"] + features["decode_seqs"]
     lora = features["lora_enabled"] > 0
     out = []
-    ranks = features.loc[lora & (tokens >= MIN_TOKENS_FOR_RANK), "max_lora_rank"].unique()
-    if len(ranks) < 2:
-        out.append("lora_rank_ktokens")
+    if features.loc[lora & (tokens >= MIN_TOKENS), "max_loras"].nunique() < 2:
+        out.append("lora_slot_mtokens")
     if not (lora & (features["lora_adapters"] > 1)).any():
         out.append("lora_adapters")
     return out
@@ -222,6 +220,7 @@ def _design(features: pd.DataFrame, cuda_graph_max_tokens: int) -> np.ndarray:
         lora_adapters=features["lora_adapters"].to_numpy(float),
         lora_enabled=features["lora_enabled"].to_numpy(float),
         max_lora_rank=features["max_lora_rank"].to_numpy(float),
+        max_loras=features["max_loras"].to_numpy(float),
         cuda_graph_max_tokens=cuda_graph_max_tokens,
     )
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -130,7 +131,8 @@ def run_engine(
     c_ctx = sm.ctx_ktokens / 1e3
     c_lad = sm.lora_adapters if lora_on else 0.0
     c_ltok = (
-        (sm.lora_ktokens + sm.lora_rank_ktokens * max(max_rank - RANK_REFERENCE, 0) / 8) / 1e3
+        sm.lora_ktokens * max_rank / RANK_REFERENCE / 1e3
+        + sm.lora_slot_mtokens * (gpu_slots + 1) / 1e6
         if lora_on
         else 0.0
     )
@@ -177,16 +179,48 @@ def run_engine(
     free = total_blocks
     pos_ctr = 0
 
-    # waiting queues
-    wq: dict[int, deque[int]] = {}
-    # global FCFS order = preempted requests (front, newest first) then arrivals in order; both
-    # are scanned lazily (entries whose key no longer matches were admitted meanwhile)
-    front: deque[tuple[int, int]] = deque()
-    gq: deque[int] = deque()
-    sheap: list[tuple[int, int]] = []  # (key, rid) heads of in-set adapters (and base model)
-    wkey = [0] * n
-    nwait = 0
-    front_key = 0  # preempted requests get decreasing negative keys: front of the queue
+    # Waiting queue, never materialised per arrival. FCFS order = preempted requests (newest
+    # preemption first, negative keys) then every fresh request in arrival order (key rid + 1,
+    # requests are arrival-sorted). Per adapter, the same order is its preempted deque followed
+    # by its fresh requests from a pointer on. A request that has not arrived yet is simply
+    # not eligible; whether a head has arrived is one comparison with the clock.
+    wkey = [i + 1 for i in range(n)]
+    front: deque[tuple[int, int]] = deque()  # (key, rid) preempted, global order
+    afront: dict[int, deque[int]] = {}  # adapter -> preempted rids, queue order
+    adapter_np = np.asarray(adapter, dtype=np.int64)
+    ok_idx = np.flatnonzero(np.frombuffer(bytes(state), dtype=np.uint8) != _REJECTED)
+    by_adapter = ok_idx[np.argsort(adapter_np[ok_idx], kind="stable")]
+    keys, starts = np.unique(adapter_np[by_adapter], return_index=True)
+    aidx: dict[int, list[int]] = {
+        int(k): chunk.tolist()
+        for k, chunk in zip(keys, np.split(by_adapter, starts[1:]), strict=True)
+    }
+    aptr: dict[int, int] = {a: 0 for a in aidx}
+    gptr = 0  # global pointer over fresh requests
+    rejected_before = np.concatenate(
+        [[0], np.cumsum(np.frombuffer(bytes(state), dtype=np.uint8) == _REJECTED)]
+    ).tolist()
+    n_fresh_admitted = 0
+    n_pre_waiting = 0
+    sheap: list[tuple[int, int]] = []  # (key, rid): head of each in-set adapter, maybe unarrived
+    front_key = 0
+
+    def adapter_head(a: int) -> int:
+        f = afront.get(a)
+        if f:
+            return f[0]
+        lst = aidx.get(a)
+        if lst is None:
+            return -1
+        p = aptr[a]
+        return lst[p] if p < len(lst) else -1
+
+    def push_head(a: int) -> None:
+        h = adapter_head(a)
+        if h >= 0:
+            heapq.heappush(sheap, (wkey[h], h))
+
+    push_head(-1)  # base-model requests are never subject to the adapter limit
 
     # adapters: running counts, residency LRUs (only idle adapters are evictable)
     acnt: dict[int, int] = {}
@@ -260,7 +294,7 @@ def run_engine(
 
     def preempt_tail(now: float) -> int:
         """Preempt the newest running request (vLLM FCFS policy); returns its rid."""
-        nonlocal free, nwait, front_key, n_preempt
+        nonlocal free, front_key, n_preempt, n_pre_waiting
         rid, _ = run.popitem()
         if is_dec[rid]:
             free += remove_decoder(rid)
@@ -275,14 +309,14 @@ def run_engine(
         if gen[rid] > 0:
             resume_t[rid] = now
         state[rid] = _WAITING
-        nwait += 1
+        n_pre_waiting += 1
         a = adp[rid]
         leave_adapter(a)
         front_key -= 1
         wkey[rid] = front_key
-        q = wq.get(a)
+        q = afront.get(a)
         if q is None:
-            q = wq[a] = deque()
+            q = afront[a] = deque()
         q.appendleft(rid)
         front.appendleft((front_key, rid))
         if a < 0 or acnt.get(a, 0) > 0:
@@ -294,9 +328,7 @@ def run_engine(
         nonlocal nact, n_gpu_loads, n_disk_loads
         acnt[a] = 1
         nact += 1
-        q = wq.get(a)
-        if q:
-            heapq.heappush(sheap, (wkey[q[0]], q[0]))
+        push_head(a)
         if a in gpu_res:
             gpu_idle.pop(a, None)
             cpu_idle.pop(a, None)
@@ -325,22 +357,12 @@ def run_engine(
     ai = 0
     steps = 0
     while True:
-        # arrivals up to now join the waiting queue
-        while ai < n and arr[ai] <= t:
-            if state[ai] == _PENDING:
-                state[ai] = _WAITING
-                nwait += 1
-                a = adp[ai]
-                q = wq.get(a)
-                if q is None:
-                    q = wq[a] = deque()
-                wkey[ai] = ai + 1
-                q.append(ai)
-                gq.append(ai)
-                if len(q) == 1 and (a < 0 or acnt.get(a, 0) > 0):
-                    heapq.heappush(sheap, (ai + 1, ai))
-            ai += 1
+        # requests that have arrived by now (no per-request work: see the waiting queue above)
+        ai = bisect_right(arr, t, ai)
+        nwait = ai - rejected_before[ai] - n_fresh_admitted + n_pre_waiting
         if not run and nwait == 0:
+            while ai < n and state[ai] == _REJECTED:
+                ai += 1
             if ai >= n or arr[ai] >= duration_s:
                 break
             t = arr[ai]
@@ -427,10 +449,10 @@ def run_engine(
                         k, r = sheap[0]
                         a = adp[r]
                         if (
-                            state[r] == _WAITING
-                            and wkey[r] == k
+                            wkey[r] == k
+                            and (state[r] == _WAITING or state[r] == _PENDING)
                             and (a < 0 or acnt.get(a, 0) > 0)
-                            and wq[a][0] == r
+                            and adapter_head(a) == r
                         ):
                             rid = r
                             break
@@ -443,13 +465,11 @@ def run_engine(
                             break
                         front.popleft()
                     if rid < 0:
-                        while gq:
-                            r = gq[0]
-                            if state[r] == _WAITING and wkey[r] == r + 1:
-                                rid = r
-                                break
-                            gq.popleft()
-                if rid < 0:
+                        while gptr < n and state[gptr] != _PENDING:
+                            gptr += 1
+                        if gptr < n:
+                            rid = gptr
+                if rid < 0 or arr[rid] > t:
                     break
                 need_total = plen[rid] + gen[rid]
                 chunk = min(need_total, budget)
@@ -460,19 +480,22 @@ def run_engine(
                 free -= got
                 held[rid] = got
                 ncomp[rid] = 0
-                state[rid] = _RUNNING
-                nwait -= 1
                 a = adp[rid]
-                q = wq[a]
-                q.popleft()
-                if q and (a < 0 or acnt.get(a, 0) > 0):
-                    heapq.heappush(sheap, (wkey[q[0]], q[0]))
-                if a >= 0:
-                    if acnt.get(a, 0) == 0:
-                        load_ms += activate(a)
-                        loads_here += 1
-                    else:
+                if state[rid] == _PENDING:
+                    aptr[a] += 1
+                    n_fresh_admitted += 1
+                else:
+                    afront[a].popleft()
+                    n_pre_waiting -= 1
+                nwait -= 1
+                state[rid] = _RUNNING
+                if a >= 0 and acnt.get(a, 0) == 0:
+                    load_ms += activate(a)  # pushes the adapter's new head
+                    loads_here += 1
+                else:
+                    if a >= 0:
                         acnt[a] += 1
+                    push_head(a)
                 pos_ctr += 1
                 pos[rid] = pos_ctr
                 run[rid] = None

@@ -11,13 +11,16 @@ shapes the profiling sweeps never ran. The terms follow how a vLLM step runs on 
 * ``eager_decode_seqs``, ``eager_const``: larger steps run eagerly, with a different per-row cost
                             and a jump;
 * ``ctx_ktokens``           attention over the KV cache, per thousand context tokens attended;
-* ``lora_const``, ``lora_ktokens``, ``lora_prefill_ktokens``, ``lora_adapters``: the punica/SGMV
-                            LoRA kernels — a fixed cost, a cost per thousand batched tokens (and an
-                            extra one for prompt tokens), and a cost per *distinct* adapter in the
-                            batch (each adds a GEMM segment);
-* ``lora_rank_ktokens``     how the LoRA token cost grows with the slot rank: batched tokens/1000 x
-                            (max_lora_rank - 8)/8, zero at rank 8. Slots are sized by max_lora_rank,
-                            not by an adapter's own rank.
+* LoRA (vLLM's triton shrink/expand kernels), shaped after their launch grid, which is
+  SPLIT_K x cdiv(tokens, 32) x cdiv(rank, 16) x slices x (max_loras + 1) thread blocks, blocks of
+  slots without tokens exiting early (vllm/lora/ops/triton_ops/lora_shrink.py):
+  ``lora_const``            fixed cost when LoRA is enabled;
+  ``lora_ktokens``          real work: thousands of batched tokens x max_lora_rank/8 (weights are
+                            stacked at the slot rank, not the adapter's own);
+  ``lora_prefill_ktokens``  extra per thousand prompt tokens (the large-M kernel configuration);
+  ``lora_slot_mtokens``     launched-and-exiting blocks: millions of tokens x (max_loras + 1), why
+                            a replica with many slots pays for them even when few are in use;
+  ``lora_adapters``         per *distinct* adapter in the batch (its weights are read).
 
 Adapter loads are not in this model: their measured latencies are added per load
 (``twin.profile.AdapterLoadTable``). Scheduler time is inside a measured step, so it is inside
@@ -42,7 +45,7 @@ FEATURES: tuple[str, ...] = (
     "lora_ktokens",
     "lora_prefill_ktokens",
     "lora_adapters",
-    "lora_rank_ktokens",
+    "lora_slot_mtokens",
 )
 RANK_REFERENCE = 8
 
@@ -80,7 +83,7 @@ class StepTimeModel:
     lora_ktokens: float = 0.0
     lora_prefill_ktokens: float = 0.0
     lora_adapters: float = 0.0
-    lora_rank_ktokens: float = 0.0
+    lora_slot_mtokens: float = 0.0
     cuda_graph_max_tokens: int = 512  # 0: no CUDA graphs (CPU backend): every step is "eager"
 
     def __post_init__(self) -> None:
@@ -132,6 +135,7 @@ def design_matrix(
     lora_adapters: Any,
     lora_enabled: Any,
     max_lora_rank: Any,
+    max_loras: Any,
     cuda_graph_max_tokens: int = 512,
 ) -> np.ndarray:
     """Rows of FEATURES per step: the one place where the features are defined."""
@@ -141,9 +145,9 @@ def design_matrix(
     def col(x: Any) -> np.ndarray:
         return np.broadcast_to(np.asarray(x, dtype=float), shape)
 
-    d, k, a, on, r = (
+    d, k, a, on, r, g = (
         col(decode_seqs), col(ctx_tokens), col(lora_adapters), col(lora_enabled),
-        col(max_lora_rank),
+        col(max_lora_rank), col(max_loras),
     )
     t = p + d
     graph = (t <= cuda_graph_max_tokens) & (t > 0) if cuda_graph_max_tokens > 0 else t < 0
@@ -162,9 +166,9 @@ def design_matrix(
             eager.astype(float),
             k / 1e3,
             on,
-            on * t / 1e3,
+            on * t / 1e3 * r / RANK_REFERENCE,
             on * p / 1e3,
             on * a,
-            on * t / 1e3 * np.maximum(r - RANK_REFERENCE, 0.0) / RANK_REFERENCE,
+            on * t * (g + 1) / 1e6,
         ]
     )

@@ -13,9 +13,10 @@ sequences D and context tokens K per step:
   sequence is shifted by the surplus of logged steps and only steps far (±15) from any admission
   or finish are kept, where the batch is the same whichever way the trickle went.
 
-Steps with adapter loads are dropped (loads are modelled from their own table), as are idle gaps
-and stalls (more than 2x or less than 0.5x the rolling median of 31 steps), runs whose decode
-batch exceeds the KV cache (they preempt), and logs flagged as partly overwritten.
+A step that loaded an adapter is kept with the load's measured latency subtracted (loads are
+modelled from their own table). Dropped: idle gaps and stalls (more than 2x or less than 0.5x the
+rolling median of 31 steps), runs whose decode batch exceeds the KV cache (they preempt), and
+logs flagged as partly overwritten.
 """
 
 from __future__ import annotations
@@ -169,8 +170,13 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
     f["lora_enabled"] = float(lora)
     f["lora_adapters"] = w["unique_adapters"].fillna(0).to_numpy(float) if lora else 0.0
     f["max_lora_rank"] = float(run["max_lora_rank"]) if lora else 0.0
+    f["max_loras"] = float(run["max_loras"]) if lora else 0.0
+    # a step that loaded an adapter took the load's measured time on top of its compute
     serving = loads[(loads["run"] == run["run"]) & (loads["phase"] == "serving")]
-    f["has_load"] = f["step"].isin(set(serving["step_index"].dropna().astype(int)))
+    load_ms = serving.dropna(subset=["step_index"]).groupby("step_index")["load_ms"].sum()
+    f["load_ms"] = f["step"].map(load_ms).fillna(0.0).to_numpy(float)
+    f["step_ms"] = f["step_ms"] - f["load_ms"]
+    # (the rolling median below sees compute only, so load steps are judged like the others)
     med = f["step_ms"].rolling(ROLLING_STEPS, center=True, min_periods=5).median()
     ratio = f["step_ms"] / med
     outlier = (ratio > 2.0) | (ratio < 0.5) | f["step_ms"].isna()
@@ -180,7 +186,7 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
         kv_ok = max_seqs * int(np.ceil((base_len + out_len) / 16) * 16) <= float(kv)
     if float(run.get("server_log_nul_bytes", 0) or 0) > 0:
         kv_ok = False
-    f["keep"] = keep & ~outlier.to_numpy() & ~f["has_load"].to_numpy() & kv_ok
+    f["keep"] = keep & ~outlier.to_numpy() & kv_ok
     f["keep"] &= f["prefill_tokens"].notna().to_numpy()
     f["sweep"] = run["sweep"]
     f["run"] = run["run"]
