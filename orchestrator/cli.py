@@ -13,8 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_WORKLOAD = REPO_ROOT / "examples" / "workload_reference_hour.yaml"
-DEMO_PROFILE = "llama-3.1-8b-instruct"
 
 console = Console()
 err_console = Console(stderr=True)
@@ -157,6 +155,77 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- validate
+VALIDATE_LABELS = {
+    "total_throughput_tps": "total throughput",
+    "output_throughput_tps": "output throughput",
+    "ttft_mean_ms": "TTFT mean (non-starved runs)",
+    "tpot_mean_ms": "TPOT mean",
+    "itl_mean_ms": "ITL mean",
+}
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from twin.validate import load_runs, scatter_plots, validate
+
+    runs = load_runs(args.runs)
+    if runs.empty:
+        raise CLIError(f"{args.runs}: no row with status ok and an empty quality_flag")
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err_console, disable=args.json or not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("replaying runs in the twin", total=min(len(runs), args.limit or 10**9))
+        result = validate(
+            runs, args.profile, limit=args.limit, seed=args.seed, workers=args.workers,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    out = Path(args.out) if args.out else None
+    plots: list[Path] = []
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.predictions.to_csv(out, index=False)
+        plots = scatter_plots(result.predictions, out.parent)
+    summary = dict(result.summary)
+    if args.json:
+        print(json.dumps({
+            "n_runs": summary["n_runs"], "metrics": summary["metrics"],
+            "starvation_accuracy": summary["starvation_accuracy"],
+            "authors_twin_starvation_accuracy": summary.get("authors_twin_starvation_accuracy"),
+            "by_model": summary["by_model"], "wall_s": summary["wall_s"],
+        }))
+        return 0
+    table = Table(title=f"twin vs {summary['n_runs']} measured runs (standard SMAPE, %)",
+                  header_style="bold")
+    table.add_column("metric")
+    table.add_column("runs", justify="right")
+    table.add_column("lorafleet", justify="right")
+    table.add_column("earlier twin", justify="right")
+    models = sorted(summary["by_model"])
+    for model in models:
+        table.add_column(f"lorafleet · {model}", justify="right")
+    for metric, label in VALIDATE_LABELS.items():
+        m = summary["metrics"][metric]
+        table.add_row(
+            label, str(m["n"]), _fmt("{:.2f}", m["smape"]), _fmt("{:.2f}", m["authors_twin_smape"]),
+            *[_fmt("{:.2f}", summary["by_model"][mm][metric]) for mm in models],
+        )
+    table.add_row(
+        "starvation accuracy", str(summary["n_runs"]),
+        _fmt("{:.3f}", summary["starvation_accuracy"]),
+        _fmt("{:.3f}", summary.get("authors_twin_starvation_accuracy")),
+        *[_fmt("{:.3f}", summary["by_model"][mm]["starvation_accuracy"]) for mm in models],
+    )
+    console.print(table)
+    console.print(f"twin time: {summary['twin_wall_s_total']:.1f} s of simulation for "
+                  f"{summary['n_runs']} simulated hours; wall {summary['wall_s']:.1f} s")
+    if out:
+        console.print(f"wrote {out} and {len(plots)} plots in {out.parent}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- profiles
 def cmd_profiles(args: argparse.Namespace) -> int:
     from twin.profile import available_profiles, load_profile
@@ -176,14 +245,64 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- demo
+DEMO_RUNS = REPO_ROOT / "data" / "reference" / "vllm-0.8.5-h100" / "validation_runs.csv"
+DEMO_RUN = ("llama-3.1-8b-instruct", "rank_16_rates_0.1_0.05_0.025", "_128_128_16_")
+DEMO_ROWS = [
+    ("total_throughput_tps", "authors_twin_total_throughput", "total throughput (tok/s)",
+     "{:,.0f}"),
+    ("output_throughput_tps", "authors_twin_output_throughput", "output throughput (tok/s)",
+     "{:,.0f}"),
+    ("ttft_mean_ms", "authors_twin_ttft", "TTFT mean (ms)", "{:,.1f}"),
+    ("tpot_mean_ms", None, "TPOT mean (ms)", "{:,.2f}"),
+    ("itl_mean_ms", "authors_twin_itl", "ITL mean (ms)", "{:,.2f}"),
+    ("completed", "authors_twin_finished_requests", "completed requests", "{:,.0f}"),
+]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the serving path lands: the twin on the bundled reference-hour workload."""
-    ns = argparse.Namespace(
-        workload=str(DEMO_WORKLOAD), profile=DEMO_PROFILE, max_loras=32, max_cpu_loras=None,
-        max_lora_rank=None, max_num_seqs=None, max_num_batched_tokens=None, duration=None,
-        seed=0, json=args.json,
+    """Until the serving path lands: a measured H100 hour vs the twin's replay of it."""
+    import pandas as pd
+
+    from twin.simulate import simulate
+    from twin.validate import load_runs, run_workload
+
+    runs = load_runs(DEMO_RUNS)
+    model, workload_name, run_name = DEMO_RUN
+    row = runs[(runs["model"] == model) & (runs["workload"] == workload_name)
+               & (runs["run"] == run_name)]
+    if row.empty:
+        raise CLIError(f"{DEMO_RUNS}: the demo run {DEMO_RUN} is missing")
+    row = row.iloc[0]
+    workload, config = run_workload(row, seed=0)
+    profile = _load_profile(model)
+    result = simulate(workload, config, profile, seed=0)
+    m = result.metrics
+    if args.json:
+        print_json({"run": "/".join(DEMO_RUN), **m})
+        return 0
+    console.print(
+        f"[bold]demo[/]: one hour of vLLM 0.8.5 on an H100 ({model}), {len(workload.adapters)} "
+        f"LoRA adapters (ranks 8/16), {workload.total_rate_rps:.1f} req/s Poisson, "
+        f"max_loras={config.max_loras} max_lora_rank={config.max_lora_rank} - measured "
+        "(data/reference) vs replayed in the twin"
     )
-    return cmd_simulate(ns)
+    table = Table(title="measured vs predicted", header_style="bold")
+    for col in ("metric", "measured (H100)", "lorafleet twin", "error", "earlier twin"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, authors, label, fmt in DEMO_ROWS:
+        real, ours = float(row[key]), float(m[key])
+        theirs = row.get(authors) if authors else None
+        table.add_row(
+            label, fmt.format(real), fmt.format(ours), f"{(ours - real) / real * 100:+.1f} %",
+            "-" if theirs is None or pd.isna(theirs) else fmt.format(float(theirs)),
+        )
+    console.print(table)
+    console.print(
+        f"twin: {m['engine_steps']:,} engine steps, {m['simulated_s']:,.0f} simulated s in "
+        f"{m['wall_s']:.2f} s wall ({m['speedup_vs_realtime']:,.0f}x real time). The earlier "
+        "twin's TTFT charges unfinished requests the whole window."
+    )
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -226,10 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the fit report as JSON")
     c.set_defaults(func=cmd_calibrate)
 
+    v = sub.add_parser("validate", help="replay measured runs in the twin and score it")
+    v.add_argument("runs", help="runs table (columns of data/reference/.../validation_runs.csv)")
+    v.add_argument("--profile", default="auto",
+                   help="profile for every row, or `auto`: the profile named like the row's model")
+    v.add_argument("--limit", type=int, default=None, help="a seeded random sample of N runs")
+    v.add_argument("--seed", type=int, default=0, help="seed of the workloads and the sample")
+    v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    v.add_argument("--out", default=None,
+                   help="per-run predictions CSV; scatter plots go next to it")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=cmd_validate)
+
     pr = sub.add_parser("profiles", help="list the available profiles")
     pr.set_defaults(func=cmd_profiles)
 
-    d = sub.add_parser("demo", help="the main job on the bundled example workload")
+    d = sub.add_parser("demo", help="the main job: a measured H100 hour vs the twin's replay")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p
@@ -240,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     from twin.profile import InfeasibleConfigError, ProfileError
 
     args = build_parser().parse_args(argv)
+    from twin.calibrate import CalibrationError
+    from twin.validate import ValidationError
+
     user_errors: tuple[type[BaseException], ...] = (
         CLIError, ConfigError, ProfileError, InfeasibleConfigError, FileNotFoundError,
+        CalibrationError, ValidationError,
     )
     try:
         from twin.workload import WorkloadError

@@ -44,7 +44,10 @@ def test_lora_terms_follow_the_kernel_grid():
     g63 = m.predict_ms(lora_enabled=True, max_lora_rank=8, max_loras=63, **kw)[0]
     assert off == 0.0
     assert r8 == pytest.approx(2.0 + 0.5 * 4 + 10.0 + 4.0 * 1000 * 8 / 1e6)
-    assert r32 - r8 == pytest.approx(10.0 * 3)  # token work scales with the slot rank
+    # token work and each adapter's blocks grow with the rank tiles: cdiv(32, 16) = 2 vs 1
+    assert r32 - r8 == pytest.approx(10.0 + 0.5 * 4)
+    r16 = m.predict_ms(lora_enabled=True, max_lora_rank=16, max_loras=7, **kw)[0]
+    assert r16 == pytest.approx(r8)
     assert g63 - r8 == pytest.approx(4.0 * 1000 * 56 / 1e6)  # launched blocks with max_loras
 
 

@@ -18,7 +18,7 @@ What it reproduces (see docs/vllm_v1_semantics.md for the source references):
 
 Speed: the loop's work per step is O(changes), never O(batch). Decoding requests are not touched
 per step: each stores the engine's decode clock when it entered decode, from which its token count
-is derived; finishes come from a heap keyed by that clock; the number of requests that need a new
+is derived; finishes are bucketed by that clock; the number of requests that need a new
 KV block in a step comes from a histogram of (block-boundary clock mod allocation period). Waiting
 requests sit in per-adapter FIFOs plus the global FCFS order, with a lazy heap over the heads of
 in-set adapters, so the skip-scan of the LoRA rule costs O(log n) per admission, not a queue scan.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from twin.config import EngineConfig
-from twin.latency import RANK_REFERENCE, padding_table
+from twin.latency import padding_table, rank_tiles
 from twin.profile import Profile
 
 # request states
@@ -129,9 +129,10 @@ def run_engine(
     c_edec = sm.eager_decode_seqs
     c_eager = sm.eager_const
     c_ctx = sm.ctx_ktokens / 1e3
-    c_lad = sm.lora_adapters if lora_on else 0.0
+    tiles = float(rank_tiles(max_rank))
+    c_lad = sm.lora_adapters * tiles if lora_on else 0.0
     c_ltok = (
-        sm.lora_ktokens * max_rank / RANK_REFERENCE / 1e3
+        sm.lora_ktokens * tiles / 1e3
         + sm.lora_slot_mtokens * (gpu_slots + 1) / 1e6
         if lora_on
         else 0.0
@@ -174,7 +175,7 @@ def run_engine(
     ndec = 0
     s_nb = 0  # sum over decoders of (computed tokens - decode clock)
     bmem: list[set[int]] = [set() for _ in range(period)]
-    fheap: list[tuple[int, int, int]] = []  # (finish clock, rid, epoch)
+    fin_at: dict[int, list[tuple[int, int]]] = {}  # decode clock -> [(rid, epoch)] finishing
     dc = 0
     free = total_blocks
     pos_ctr = 0
@@ -290,7 +291,12 @@ def run_engine(
         t0 = dc + h * bs - nc
         trig0[rid] = t0
         bmem[t0 % period].add(rid)
-        heapq.heappush(fheap, (dc + olen[rid] - gen[rid], rid, epoch[rid]))
+        key = dc + olen[rid] - gen[rid]
+        lst = fin_at.get(key)
+        if lst is None:
+            fin_at[key] = [(rid, epoch[rid])]
+        else:
+            lst.append((rid, epoch[rid]))
 
     def preempt_tail(now: float) -> int:
         """Preempt the newest running request (vLLM FCFS policy); returns its rid."""
@@ -562,8 +568,7 @@ def run_engine(
                 leave_adapter(adp[rid])
             else:
                 add_decoder(rid, held[rid])
-        while fheap and fheap[0][0] <= dc:
-            _, rid, ep = heapq.heappop(fheap)
+        for rid, ep in fin_at.pop(dc, ()):
             if ep != epoch[rid] or state[rid] != _RUNNING or not is_dec[rid]:
                 continue
             free += remove_decoder(rid)

@@ -15,12 +15,18 @@ shapes the profiling sweeps never ran. The terms follow how a vLLM step runs on 
   SPLIT_K x cdiv(tokens, 32) x cdiv(rank, 16) x slices x (max_loras + 1) thread blocks, blocks of
   slots without tokens exiting early (vllm/lora/ops/triton_ops/lora_shrink.py):
   ``lora_const``            fixed cost when LoRA is enabled;
-  ``lora_ktokens``          real work: thousands of batched tokens x max_lora_rank/8 (weights are
-                            stacked at the slot rank, not the adapter's own);
+  ``lora_ktokens``          real work: thousands of batched tokens x cdiv(max_lora_rank, 16)
+                            (the shrink grid's rank dimension; weights are stacked at the slot
+                            rank, not the adapter's own);
   ``lora_prefill_ktokens``  extra per thousand prompt tokens (the large-M kernel configuration);
   ``lora_slot_mtokens``     launched-and-exiting blocks: millions of tokens x (max_loras + 1), why
                             a replica with many slots pays for them even when few are in use;
-  ``lora_adapters``         per *distinct* adapter in the batch (its weights are read).
+  ``lora_adapters``         per *distinct* adapter in the batch x cdiv(max_lora_rank, 16): each
+                            active adapter gets its own thread blocks, one more per 16 ranks.
+
+The reference sweeps vary adapters and slots only at rank 8; the rank factor cdiv(rank, 16)
+(= 1 for ranks 8 and 16, 2 for 32, 4 for 64) comes from the kernels' block size (BLOCK_N = 16),
+not from a fit, and the one-hour validation runs (ranks 16 and 32) test it.
 
 Adapter loads are not in this model: their measured latencies are added per load
 (``twin.profile.AdapterLoadTable``). Scheduler time is inside a measured step, so it is inside
@@ -47,7 +53,12 @@ FEATURES: tuple[str, ...] = (
     "lora_adapters",
     "lora_slot_mtokens",
 )
-RANK_REFERENCE = 8
+RANK_BLOCK = 16  # BLOCK_N of vLLM's LoRA shrink kernel: rank tiles per thread block
+
+
+def rank_tiles(max_lora_rank: Any) -> Any:
+    """cdiv(rank, 16): how many rank tiles the LoRA kernels launch per token block."""
+    return np.ceil(np.asarray(max_lora_rank, dtype=float) / RANK_BLOCK)
 
 
 def cuda_graph_sizes(max_tokens: int) -> list[int]:
@@ -166,9 +177,9 @@ def design_matrix(
             eager.astype(float),
             k / 1e3,
             on,
-            on * t / 1e3 * r / RANK_REFERENCE,
+            on * t / 1e3 * rank_tiles(r),
             on * p / 1e3,
-            on * a,
+            on * a * rank_tiles(r),
             on * t * (g + 1) / 1e6,
         ]
     )

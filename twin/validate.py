@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ def validate(
     progress: Callable[[int, int], None] | None = None,
 ) -> ValidationResult:
     """Simulate every run (or a seeded sample of ``limit``) and score the twin per metric."""
+    wall0 = time.perf_counter()
     if limit is not None and limit < len(runs):
         runs = runs.sample(n=limit, random_state=seed).sort_index()
     runs = runs.reset_index(drop=True)
@@ -202,7 +204,9 @@ def validate(
     pred = pred.drop(columns=["model", "workload", "run"])
     table = pd.concat([runs.reset_index(drop=True), pred], axis=1)
     table["measured_starved"] = [measured_starved(r) for _, r in table.iterrows()]
-    return ValidationResult(predictions=table, summary=summarize(table))
+    summary = summarize(table)
+    summary["wall_s"] = round(time.perf_counter() - wall0, 3)
+    return ValidationResult(predictions=table, summary=summary)
 
 
 def summarize(table: pd.DataFrame) -> dict[str, Any]:
