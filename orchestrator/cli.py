@@ -360,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profiles", help="list the available profiles")
     pr.set_defaults(func=cmd_profiles)
 
+    from orchestrator.tiny_model import add_parser as add_tiny_model_parser
+
+    add_tiny_model_parser(sub)
+
     d = sub.add_parser("demo", help="the main job: a measured H100 hour vs the twin's replay")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)

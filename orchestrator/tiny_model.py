@@ -2,9 +2,9 @@
 
 Why: the orchestrator's end-to-end tests and local demos need a model vLLM really loads, with
 many adapters of different ranks, without downloading gigabytes or waiting minutes. Everything
-here is generated from a seed in about a second: a byte-level BPE tokenizer trained on seeded
-made-up sentences, a 2-layer Llama with random weights, and adapters whose B matrices are
-non-zero, so each adapter really changes the model's output.
+here is generated from a seed in about a second: a BPE tokenizer trained on seeded made-up
+sentences (no downloads), a 2-layer Llama with random weights, and adapters whose B matrices
+are non-zero, so each adapter really changes the model's output.
 
 torch and tokenizers are imported inside the functions that need them, so importing this module
 (e.g. from the CLI) stays cheap. transformers is not needed to build, only to load the result.
@@ -43,9 +43,9 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS)  # ids 0..5, in this order
+SPECIAL_TOKENS = (BOS, EOS, PAD, UNK, *ROLE_TOKENS)  # ids 0..6, in this order
 # Zephyr-style: enough for /v1/chat/completions; roles other than the three above stay plain text.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
@@ -98,7 +98,7 @@ class TinyModelSpec:
             raise TinyModelError(
                 f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
             )
-        # Byte-level BPE needs its 256 byte tokens plus the specials before any merge.
+        # The tokenizer needs its ~100 single characters plus the specials before any merge.
         if not 512 <= self.vocab_size <= 65536:
             raise TinyModelError(f"vocab_size must be in [512, 65536], got {self.vocab_size}")
 
@@ -138,7 +138,7 @@ def build_tiny_model(
     out_dir: str | Path,
     n_adapters: int = 4,
     ranks: Sequence[int] = (8, 16),
-    spec: TinyModelSpec = TinyModelSpec(),  # noqa: B008 - frozen, so a shared default is safe
+    spec: TinyModelSpec = TinyModelSpec(),  # frozen, so one shared default is safe
     overwrite: bool = False,
 ) -> TinyModel:
     """Write a servable base model and `n_adapters` LoRA adapters under `out_dir`.
@@ -230,6 +230,9 @@ _COMMON = ("the", "a", "of", "and", "to", "in", "is", "that", "it", "with", "for
            "as", "by", "this", "from", "at", "be", "are", "hello", "world", "model", "adapter",
            "token", "serve", "fleet", "request", "please", "what", "why", "how", "you", "we")
 _PUNCT = (".", ".", ".", "?", "!", ",")
+_SPACE = "\u2581"
+# Printable ASCII without space (that is _SPACE) and without \r \x0b \x0c, so decoded text is tame.
+_ALPHABET = (*(chr(c) for c in range(0x21, 0x7F)), "\n", "\t", _SPACE)
 
 
 def _corpus(spec: TinyModelSpec) -> list[str]:
@@ -256,7 +259,12 @@ def _corpus(spec: TinyModelSpec) -> list[str]:
 
 
 def _write_tokenizer(base: Path, spec: TinyModelSpec) -> None:
-    """Byte-level BPE with exactly spec.vocab_size ids, so every id the model emits decodes."""
+    """BPE over printable ASCII with exactly spec.vocab_size ids.
+
+    Not byte-level on purpose: a random model emits arbitrary ids, and with byte tokens those
+    decode to broken UTF-8 (U+FFFD) in API responses. Here every id decodes to clean text;
+    the price is that non-ASCII characters encode to <unk>.
+    """
     from tokenizers import (
         AddedToken,
         Tokenizer,
@@ -267,13 +275,15 @@ def _write_tokenizer(base: Path, spec: TinyModelSpec) -> None:
         trainers,
     )
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    # SentencePiece-style word boundaries (U+2581), as in Llama-2 tokenizers.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="first")
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=list(_ALPHABET),
+        limit_alphabet=len(_ALPHABET),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(spec), trainer)
@@ -287,7 +297,7 @@ def _write_tokenizer(base: Path, spec: TinyModelSpec) -> None:
     )
     tok.save(str(base / "tokenizer.json"))
 
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None}
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
     _write_json(base / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -299,7 +309,7 @@ def _write_tokenizer(base: Path, spec: TinyModelSpec) -> None:
         "chat_template": CHAT_TEMPLATE,
     })
     _write_json(base / "special_tokens_map.json", {
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
         "additional_special_tokens": list(ROLE_TOKENS),
     })
 
@@ -536,15 +546,26 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     by_rank = Counter(a.rank for a in model.adapters)
     ranks_text = ", ".join(f"{n} x r{r}" for r, n in sorted(by_rank.items())) or "none"
-    max_rank = max(by_rank, default=8)
+    shown = model.adapters[:3]
+    lora_modules = " ".join(f"{a.id}={a.path}" for a in shown)
+    serve = (
+        f"VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server "
+        f"--model {model.base_path} --max-model-len 512"
+    )
+    if shown:
+        # One max_loras slot spare: vllm-cpu 0.32.0 mixes up base requests when all are full.
+        serve += (
+            f" --enable-lora --max-loras {len(shown) + 1} "
+            f"--max-lora-rank {_vllm_rank(max(a.rank for a in shown))} "
+            f"--lora-modules {lora_modules}"
+        )
     console.print(
         f"[bold]tiny model[/] written to {model.root} in {elapsed:.2f} s\n"
         f"  base      {model.base_path}\n"
         f"  adapters  {len(model.adapters)} ({ranks_text}) under {model.root / ADAPTERS_DIR}\n"
         f"  registry  {model.registry_path}\n"
-        f"  serve     VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server "
-        f"--model {model.base_path} --enable-lora --max-lora-rank "
-        f"{_vllm_rank(max_rank)} --max-model-len 512",
+        f"  serve     {serve}\n"
+        f"  (serve line loads the first {len(shown)} adapter(s); see docs/tiny_model.md)",
         highlight=False, soft_wrap=True,
     )
     return 0

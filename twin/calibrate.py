@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from scipy.optimize import nnls
 
 from twin.latency import FEATURES, StepTimeModel, design_matrix
@@ -40,6 +41,28 @@ class ReferenceData:
     kv: pd.DataFrame
     loads: pd.DataFrame
     readme: str
+    meta: dict[str, Any]  # calibration.yaml: facts about the engine the data came from
+
+
+META_FILE = "calibration.yaml"
+META_KEYS = {
+    "gpu", "model", "vllm_version", "cuda_graph_max_tokens", "scheduler", "max_model_len",
+    "default_engine", "source",
+}
+
+
+def load_meta(data_dir: Path) -> dict[str, Any]:
+    """Optional ``calibration.yaml`` next to the tables (written by `lorafleet profile`)."""
+    path = Path(data_dir) / META_FILE
+    if not path.exists():
+        return {}
+    meta = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(meta, dict):
+        raise CalibrationError(f"{path}: must be a mapping")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise CalibrationError(f"{path}: unknown field(s) {unknown}; known: {sorted(META_KEYS)}")
+    return meta
 
 
 def load_reference(data_dir: Path, model: str) -> ReferenceData:
@@ -70,20 +93,24 @@ def load_reference(data_dir: Path, model: str) -> ReferenceData:
             )
         out[key] = sub.reset_index(drop=True)
     readme = (data_dir / "README.md").read_text() if (data_dir / "README.md").exists() else ""
-    return ReferenceData(readme=readme, **out)
+    return ReferenceData(readme=readme, meta=load_meta(data_dir), **out)
 
 
 # ----------------------------------------------------------------------------- KV capacity
 def fit_kv_capacity(kv: pd.DataFrame, runs: pd.DataFrame) -> KVCapacityModel:
     """Least squares of tokens = base - G*(per_slot + per_slot_rank*R) on probes that started."""
     ok = kv[(kv["status"] == "ok") & kv["kv_cache_tokens"].notna()]
-    if len(ok) < 3:
-        raise CalibrationError("kv_capacity.csv: need at least 3 probes with status ok")
+    if ok.empty:
+        raise CalibrationError("kv_capacity.csv: no probe with status ok")
     g = ok["max_loras"].to_numpy(float)
     r = ok["max_lora_rank"].to_numpy(float)
     y = ok["kv_cache_tokens"].to_numpy(float)
-    x = np.column_stack([np.ones_like(g), -g, -g * r])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    if len(ok) >= 3 and len(np.unique(g * r)) >= 2:
+        x = np.column_stack([np.ones_like(g), -g, -g * r])
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    else:
+        # a fixed KV budget (e.g. the CPU backend's VLLM_CPU_KVCACHE_SPACE): no slope to fit
+        coef = np.array([float(y.min()), 0.0, 0.0])
     no_lora = runs[(runs["enable_lora"] == 0) & runs["kv_cache_tokens"].notna()]
     if len(no_lora):
         # capacity shrinks a little with max_num_seqs; keep the largest-batch probe (conservative)
@@ -248,39 +275,48 @@ def calibrate_reference(
     from twin.step_features import reference_step_features
 
     ref = load_reference(data_dir, model)
+    meta = ref.meta
     kv = fit_kv_capacity(ref.kv, ref.runs)
     loads = fit_adapter_loads(ref.loads)
     features = reference_step_features(ref)
-    step_model, report = fit_step_model(features, seed=seed)
-    max_len_col = ref.runs["max_model_len"].dropna()
-    if max_len_col.empty:
-        max_len_col = ref.kv["max_model_len"].dropna()
-    if max_len_col.empty:
-        raise CalibrationError("no max_model_len in profile_runs.csv or kv_capacity.csv")
+    graphs = int(meta.get("cuda_graph_max_tokens", 512))
+    step_model, report = fit_step_model(features, seed=seed, cuda_graph_max_tokens=graphs)
+    if "max_model_len" in meta:
+        max_model_len = int(meta["max_model_len"])
+    else:
+        max_len_col = ref.runs["max_model_len"].dropna()
+        if max_len_col.empty:
+            max_len_col = ref.kv["max_model_len"].dropna()
+        if max_len_col.empty:
+            raise CalibrationError("no max_model_len in profile_runs.csv or kv_capacity.csv")
+        max_model_len = int(max_len_col.max())
     runs = ref.runs
     budget = runs["max_num_batched_tokens"].dropna()
+    default_engine = {
+        "max_num_seqs": 256,
+        "max_num_batched_tokens": int(budget.mode().iloc[0]) if len(budget) else 2048,
+        "block_size": 16,
+        **(meta.get("default_engine") or {}),
+    }
     profile = Profile(
         name=name or model,
-        gpu=gpu or _gpu_from_readme(ref.readme),
+        gpu=gpu or meta.get("gpu") or _gpu_from_readme(ref.readme),
         model=model,
-        vllm_version=vllm_version or _vllm_from_readme(ref.readme),
-        max_model_len=int(max_len_col.max()),
+        vllm_version=vllm_version or str(meta.get("vllm_version") or _vllm_from_readme(ref.readme)),
+        max_model_len=max_model_len,
         step_model=step_model,
         kv_capacity=kv,
         adapter_loads=loads,
-        scheduler=quirks or SchedulerQuirks(),
-        default_engine={
-            "max_num_seqs": 256,
-            "max_num_batched_tokens": int(budget.mode().iloc[0]) if len(budget) else 2048,
-            "block_size": 16,
-        },
+        scheduler=quirks or SchedulerQuirks.from_dict(meta.get("scheduler") or {}),
+        default_engine=default_engine,
         fit_report=report,
         provenance={
             "data": str(Path(data_dir).name),
             "fitted_with": "lorafleet calibrate",
             "steps_used": int(len(features)),
             "runs_used": int(features.groupby(["sweep", "run"]).ngroups),
-            "source": _readme_fact(ref.readme, "Source repository", "unknown"),
+            "source": meta.get("source")
+            or _readme_fact(ref.readme, "Source repository", "unknown"),
             "license": "Apache-2.0 measurement data (see data README)",
         },
     )

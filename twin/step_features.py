@@ -128,10 +128,33 @@ def _near_events(events: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(hit.astype(int), np.ones(2 * width + 1, int), "same") > 0
 
 
+EXACT_COLUMNS = ("prefill_tokens", "decode_seqs", "ctx_tokens")
+
+
+def has_exact_features(steps: pd.DataFrame) -> bool:
+    """Logs written by `lorafleet profile` record each step's composition directly."""
+    return all(c in steps.columns for c in EXACT_COLUMNS) and steps[
+        list(EXACT_COLUMNS)
+    ].notna().all().all()
+
+
 def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) -> pd.DataFrame:
     """Features and a keep-mask for one profiling run's in-window steps."""
     w = steps.sort_values("step").reset_index(drop=True)
     lora = int(run["enable_lora"]) == 1
+    if has_exact_features(w):
+        rows = np.column_stack(
+            [w[c].to_numpy(float) for c in EXACT_COLUMNS] + [np.zeros(len(w))] * 2
+        )
+        keep = np.ones(len(w), bool)
+    else:
+        rows, keep = _reconstructed(run, w)
+    f = pd.DataFrame(rows, columns=COLUMNS)
+    return _finish(f, run, w, loads, keep, lora)
+
+
+def _reconstructed(run: pd.Series, w: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Features of a log that only has step times (and maybe token totals): replay/simulate."""
     out_len = int(run["output_len"])
     max_seqs = int(run["max_num_seqs_effective"])
     base_len = int(run["input_len"])
@@ -164,7 +187,17 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
             keep = ~_near_events(rows[:, 3] + rows[:, 4], TRANSITION_STEPS)
             if surplus > 20:  # slow request ingestion: the wave phases are unknown
                 keep[:] = False
-    f = pd.DataFrame(rows, columns=COLUMNS)
+    return rows, keep
+
+
+def _finish(
+    f: pd.DataFrame, run: pd.Series, w: pd.DataFrame, loads: pd.DataFrame, keep: np.ndarray,
+    lora: bool,
+) -> pd.DataFrame:
+    """Common columns, measured load time removed, outlier and feasibility filters."""
+    out_len = int(run.get("output_len", 0) or 0)
+    max_seqs = int(run["max_num_seqs_effective"])
+    base_len = int(run.get("input_len", 0) or 0)
     f["step_ms"] = w["step_ms"].to_numpy(float)
     f["step"] = w["step"].to_numpy()
     f["lora_enabled"] = float(lora)
@@ -172,9 +205,12 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
     f["max_lora_rank"] = float(run["max_lora_rank"]) if lora else 0.0
     f["max_loras"] = float(run["max_loras"]) if lora else 0.0
     # a step that loaded an adapter took the load's measured time on top of its compute
-    serving = loads[(loads["run"] == run["run"]) & (loads["phase"] == "serving")]
-    load_ms = serving.dropna(subset=["step_index"]).groupby("step_index")["load_ms"].sum()
-    f["load_ms"] = f["step"].map(load_ms).fillna(0.0).to_numpy(float)
+    if "load_ms" in w.columns:  # recorded per step by the live profiler
+        f["load_ms"] = w["load_ms"].fillna(0.0).to_numpy(float)
+    else:
+        serving = loads[(loads["run"] == run["run"]) & (loads["phase"] == "serving")]
+        load_ms = serving.dropna(subset=["step_index"]).groupby("step_index")["load_ms"].sum()
+        f["load_ms"] = f["step"].map(load_ms).fillna(0.0).to_numpy(float)
     f["step_ms"] = f["step_ms"] - f["load_ms"]
     # (the rolling median below sees compute only, so load steps are judged like the others)
     med = f["step_ms"].rolling(ROLLING_STEPS, center=True, min_periods=5).median()
@@ -182,7 +218,7 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
     outlier = (ratio > 2.0) | (ratio < 0.5) | f["step_ms"].isna()
     kv = run.get("kv_cache_tokens")
     kv_ok = True
-    if run["sweep"] == "decode" and kv == kv and kv is not None:
+    if run["sweep"] == "decode" and kv == kv and kv is not None and out_len:
         kv_ok = max_seqs * int(np.ceil((base_len + out_len) / 16) * 16) <= float(kv)
     if float(run.get("server_log_nul_bytes", 0) or 0) > 0:
         kv_ok = False
