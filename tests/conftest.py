@@ -43,6 +43,7 @@ def make_profile(
             eager_const=eager_ms,
             lora_ktokens=lora_ms_per_ktoken,
             lora_slot_mtokens=lora_ms_per_ktoken,
+            lora_shrink_kctas=lora_ms_per_ktoken / 10,
             cuda_graph_max_tokens=graph_max_tokens,  # default 0: every step eager, no padding
         ),
         kv_capacity=KVCapacityModel(kv_tokens, 0.0, 0.0, kv_tokens, ()),

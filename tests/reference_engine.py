@@ -2,18 +2,20 @@
 
 It walks the running and waiting lists exactly as vLLM's ``Scheduler.schedule()`` does, with no
 aggregate bookkeeping, so it is easy to check against the vLLM source by eye. The fast engine
-(twin/engine.py) must produce identical per-request timings on any input where adapter loads
-cost nothing (eviction tie-breaks are an implementation detail) and no request comes within
-``kv_preallocate_blocks`` blocks of max_model_len (the fast engine does not cap preallocation
-there).
+(twin/engine.py) must produce identical per-request timings and load counts on any input where
+no request comes within ``kv_preallocate_blocks`` blocks of max_model_len (the fast engine does
+not cap preallocation there). The worker's adapter caches are OrderedDicts touched in hash order
+every step, as vLLM's ``LRUCacheWorkerLoRAManager`` does.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 
+from twin.adapters import hash_rank
 from twin.config import EngineConfig
 from twin.profile import Profile
 
@@ -26,6 +28,7 @@ def naive_run(
     config: EngineConfig,
     profile: Profile,
     duration_s: float,
+    adapter_ranks: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
     bs = config.block_size
     pre = profile.scheduler.kv_preallocate_blocks
@@ -43,6 +46,17 @@ def naive_run(
     fin = [math.nan] * n
     npre = [0] * n
     decoding = [False] * n
+    # worker caches: OrderedDicts touched every step exactly like LRUCacheWorkerLoRAManager
+    n_adapters = (
+        len(adapter_ranks) if adapter_ranks is not None else int(max(adapter, default=-1)) + 1
+    )
+    ranks = adapter_ranks or [8] * n_adapters
+    loads = profile.adapter_loads
+    cpu: OrderedDict[int, None] = OrderedDict(
+        (a, None) for a in sorted(range(min(config.cpu_slots, n_adapters)), key=hash_rank)
+    )
+    gpu: OrderedDict[int, None] = OrderedDict()
+    gpu_loads = disk_loads = 0
     waiting: list[int] = []
     running: list[int] = []
     free = total_blocks
@@ -117,6 +131,26 @@ def naive_run(
                 budget -= num_new
                 if a >= 0:
                     loras.add(a)
+        load_ms = 0.0
+        if lora:
+            for a in sorted({int(adapter[r]) for r in running if adapter[r] >= 0}, key=hash_rank):
+                if a in cpu:
+                    cpu.move_to_end(a)
+                else:
+                    if len(cpu) >= config.cpu_slots:
+                        victim, _ = cpu.popitem(last=False)
+                        gpu.pop(victim, None)
+                    cpu[a] = None
+                    load_ms += loads.disk_load_ms(ranks[a])
+                    disk_loads += 1
+                if a in gpu:
+                    gpu.move_to_end(a)
+                else:
+                    if len(gpu) >= config.max_loras:
+                        gpu.popitem(last=False)
+                    gpu[a] = None
+                    load_ms += loads.gpu_load_ms(config.max_lora_rank, ranks[a])
+                    gpu_loads += 1
         p_tok = 0
         d = 0
         k_ctx = 0
@@ -127,7 +161,7 @@ def naive_run(
             else:
                 p_tok += num
         n_adapters = len({int(adapter[r]) for r in running if adapter[r] >= 0}) if lora else 0
-        dt = float(
+        dt = load_ms + float(
             profile.step_model.predict_ms(
                 prefill_tokens=p_tok, decode_seqs=d, ctx_tokens=k_ctx, lora_adapters=n_adapters,
                 lora_enabled=lora, max_lora_rank=config.max_lora_rank,
@@ -154,4 +188,6 @@ def naive_run(
         "finish_s": np.asarray(fin),
         "preemptions": np.asarray(npre),
         "steps": np.asarray(steps),
+        "gpu_loads": np.asarray(gpu_loads),
+        "disk_loads": np.asarray(disk_loads),
     }

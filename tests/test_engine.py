@@ -143,6 +143,21 @@ def test_adapter_loads_cost_time_and_follow_lru():
     assert r.first_token_s[0] == pytest.approx(0.065)
 
 
+def test_full_slots_cascade_reloads_like_vllm():
+    # vLLM walks the step's adapters in hash order (4, 1, 3, 0, 5, 2 here) and evicts the LRU
+    # slot even if its adapter is in the current batch. Two slots hold {1, 0}; adapter 0 leaves
+    # and 4 joins in the next step: 4 evicts 1 (the older of the two by hash), then 1 is
+    # reloaded, evicting 0: two loads in that step, not one.
+    prof = make_profile(gpu_load_ms=5.0)
+    cfg = EngineConfig(max_loras=2, max_cpu_loras=6, max_num_seqs=8, max_num_batched_tokens=64)
+    reqs = [(0.0, 1, 4, 20), (0.0, 0, 4, 2), (0.025, 4, 4, 2)]
+    r = run(reqs, cfg, prof, ranks=[8] * 6)
+    assert r.first_token_s[0] == pytest.approx(0.020)  # 10 ms step + two first loads
+    assert r.finish_s[1] == pytest.approx(0.030)
+    assert r.first_token_s[2] == pytest.approx(0.050)  # 10 ms step + the 2-load cascade
+    assert r.gpu_loads == 4
+
+
 def test_resident_adapter_is_not_reloaded(hand_profile):
     prof = make_profile(gpu_load_ms=5.0)
     cfg = EngineConfig(max_loras=2, max_num_seqs=8, max_num_batched_tokens=64)
@@ -195,16 +210,19 @@ def test_fast_engine_matches_naive_reference(seed, prealloc):
         const_ms=5.0, prefill_ms_per_token=0.05,
         decode_ms_per_seq=0.2, ctx_ms_per_ktoken=1.0, lora_adapter_ms=0.5,
         preallocate_blocks=prealloc, graph_max_tokens=64 * (seed % 3), graph_ms_per_token=0.15,
-        eager_ms=2.0, lora_ms_per_ktoken=3.0,
+        eager_ms=2.0, lora_ms_per_ktoken=3.0, gpu_load_ms=3.0, disk_load_ms=20.0,
     )
     cfg = EngineConfig(
-        max_loras=1 + seed % 3, max_cpu_loras=6, max_num_seqs=6 + 4 * seed, max_lora_rank=16,
+        max_loras=1 + seed % 3, max_cpu_loras=4 + seed % 3, max_num_seqs=6 + 4 * seed,
+        max_lora_rank=16,
         max_num_batched_tokens=64 + 32 * seed,
     )
     fast = run_engine(arrival, adapter, prompt, output, [8] * 6, cfg, prof, 60.0)
-    ref = naive_run(arrival, adapter, prompt, output, cfg, prof, 60.0)
+    ref = naive_run(arrival, adapter, prompt, output, cfg, prof, 60.0, [8] * 6)
     assert fast.preemptions.sum() > 0 or seed < 2  # the larger caches may avoid preemption
     np.testing.assert_array_equal(fast.preemptions, ref["preemptions"])
+    assert fast.gpu_loads == int(ref["gpu_loads"]) and fast.disk_loads == int(ref["disk_loads"])
+    assert fast.gpu_loads > 0
     np.testing.assert_allclose(fast.first_token_s, ref["first_token_s"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(fast.finish_s, ref["finish_s"], rtol=0, atol=1e-9)
     assert fast.engine_steps == int(ref["steps"])

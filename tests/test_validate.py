@@ -114,3 +114,28 @@ def test_missing_profile_is_an_error_naming_it(capsys, tmp_path):
     code = main(["validate", str(RUNS), "--profile", "h200-nope", "--limit", "1"])
     assert code == 2
     assert "h200-nope" in capsys.readouterr().err
+
+
+def test_bench_rows_replay_their_exact_workload_and_seed():
+    from twin.workload import Workload, generate_requests
+
+    w = Workload.from_yaml(Path(__file__).resolve().parent.parent / "examples/workload_small.yaml")
+    row = pd.Series({
+        "run": "_4_8_16_x", "workload": w.name, "max_loras": 4, "max_cpu_loras": 8,
+        "max_lora_rank": 16, "max_num_seqs": 32, "max_num_batched_tokens": 256,
+        "window_s": 60.0, "workload_json": json.dumps(w.to_dict()), "seed": 3,
+    })
+    from twin.validate import run_seed
+
+    replayed, config = run_workload(row, seed=0)
+    assert run_seed(row, default=0) == 3
+    assert replayed.duration_s == 60.0 and replayed.adapters == w.adapters
+    assert config.max_num_batched_tokens == 256 and config.max_num_seqs == 32
+    a = generate_requests(replayed, 60.0, seed=3)
+    b = generate_requests(w, 60.0, seed=3)
+    np.testing.assert_array_equal(a.arrival_s, b.arrival_s)
+    np.testing.assert_array_equal(a.prompt_len, b.prompt_len)
+    bad = row.copy()
+    bad["workload_json"] = "{not json"
+    with pytest.raises(ValidationError, match="workload_json"):
+        run_workload(bad)

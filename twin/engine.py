@@ -12,9 +12,9 @@ What it reproduces (see docs/vllm_v1_semantics.md for the source references):
   at most that many blocks for a request that ends within them of max_model_len);
   when a running request cannot get a block, the newest running request is preempted (recompute:
   its KV is freed and it goes back to the front of the queue);
-* adapters: GPU slots and the CPU cache are LRUs of ``max_loras`` / ``max_cpu_loras`` entries,
-  adapters in the running batch are never evicted, and a missing adapter costs a disk->CPU and/or
-  CPU->GPU load in the step that first needs it.
+* adapters: GPU slots and the CPU cache are LRUs of ``max_loras`` / ``max_cpu_loras`` entries
+  walked the way vLLM's worker walks them (``twin.adapters``), and a missing adapter costs a
+  disk->CPU and/or CPU->GPU load in the step that needs it.
 
 Speed: the loop's work per step is O(changes), never O(batch). Decoding requests are not touched
 per step: each stores the engine's decode clock when it entered decode, from which its token count
@@ -30,11 +30,12 @@ import heapq
 import math
 import time
 from bisect import bisect_right
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from twin.adapters import AdapterCaches
 from twin.config import EngineConfig
 from twin.latency import padding_table, rank_tiles
 from twin.profile import Profile
@@ -139,6 +140,8 @@ def run_engine(
     )
     graph_max = sm.cuda_graph_max_tokens
     pad = padding_table(graph_max)
+    # shrink-kernel blocks per launched token block, by regime (see twin.latency.shrink_blocks)
+    c_shrink = sm.lora_shrink_kctas / 1e3 * tiles * (gpu_slots + 1) if lora_on else 0.0
     loads_tab = profile.adapter_loads
     ranks = [int(r) for r in adapter_ranks]
     gpu_ms = [loads_tab.gpu_load_ms(max_rank, r) for r in ranks]
@@ -223,19 +226,15 @@ def run_engine(
 
     push_head(-1)  # base-model requests are never subject to the adapter limit
 
-    # adapters: running counts, residency LRUs (only idle adapters are evictable)
+    # adapters: running counts (the step's adapter set) and vLLM's CPU/GPU caches
     acnt: dict[int, int] = {}
     nact = 0
-    gpu_res: set[int] = set()
-    gpu_idle: OrderedDict[int, None] = OrderedDict()
-    cpu_res: set[int] = set()
-    cpu_idle: OrderedDict[int, None] = OrderedDict()
-    if preload_cpu:
-        for a in range(min(cpu_slots, len(ranks))):
-            cpu_res.add(a)
-            cpu_idle[a] = None
-    n_gpu_loads = 0
-    n_disk_loads = 0
+    active: set[int] = set()
+    joined: list[int] = []  # adapters that entered the set this step
+    caches = AdapterCaches(
+        gpu_slots, cpu_slots, gpu_ms, disk_ms,
+        preloaded=range(min(cpu_slots, len(ranks))) if preload_cpu else (),
+    )
 
     itl_gap: list[float] = []
     itl_w: list[int] = []
@@ -263,8 +262,8 @@ def run_engine(
         acnt[a] = c
         if c == 0:
             nact -= 1
-            gpu_idle[a] = None
-            cpu_idle[a] = None
+            active.discard(a)
+            caches.left_batch(a, steps - 1)
 
     def remove_decoder(rid: int) -> int:
         """Detach a decoder from the aggregates; returns its KV blocks (see dec_held)."""
@@ -329,35 +328,14 @@ def run_engine(
             heapq.heappush(sheap, (front_key, rid))
         return rid
 
-    def activate(a: int) -> float:
-        """Adapter ``a`` joins the running set: make it GPU resident; returns load ms."""
-        nonlocal nact, n_gpu_loads, n_disk_loads
+    def activate(a: int) -> None:
+        """Adapter ``a`` joins the step's adapter set (loads are settled after scheduling)."""
+        nonlocal nact
         acnt[a] = 1
         nact += 1
+        active.add(a)
+        joined.append(a)
         push_head(a)
-        if a in gpu_res:
-            gpu_idle.pop(a, None)
-            cpu_idle.pop(a, None)
-            return 0.0
-        cost = 0.0
-        if a in cpu_res:
-            cpu_idle.pop(a, None)
-        else:
-            if len(cpu_res) >= cpu_slots:
-                victim, _ = cpu_idle.popitem(last=False)
-                cpu_res.discard(victim)
-                if victim in gpu_res:
-                    gpu_res.discard(victim)
-                    gpu_idle.pop(victim, None)
-            cpu_res.add(a)
-            cost += disk_ms[a]
-            n_disk_loads += 1
-        if len(gpu_res) >= gpu_slots:
-            victim, _ = gpu_idle.popitem(last=False)
-            gpu_res.discard(victim)
-        gpu_res.add(a)
-        n_gpu_loads += 1
-        return cost + gpu_ms[a]
 
     t = 0.0
     ai = 0
@@ -496,8 +474,7 @@ def run_engine(
                 nwait -= 1
                 state[rid] = _RUNNING
                 if a >= 0 and acnt.get(a, 0) == 0:
-                    load_ms += activate(a)  # pushes the adapter's new head
-                    loads_here += 1
+                    activate(a)  # pushes the adapter's new head
                 else:
                     if a >= 0:
                         acnt[a] += 1
@@ -509,6 +486,11 @@ def run_engine(
                 sched.append((rid, chunk))
                 budget -= chunk
                 n_admitted += 1
+
+        if joined:
+            if any(caches.missing(a) for a in joined):
+                load_ms, loads_here = caches.apply(active, joined, steps)
+            joined.clear()
 
         # ---------------- execute: predicted step time ----------------
         p_tok = 0
@@ -526,9 +508,13 @@ def run_engine(
         tot = p_tok + ndec
         dt_ms = c_const + c_pref * p_tok + c_ctx * k_ctx + c_lad * nact + c_ltok * tot + load_ms
         if tot <= graph_max:
-            dt_ms += c_graph * (pad[tot] - p_tok)
+            m = pad[tot]
+            dt_ms += c_graph * (m - p_tok)
         else:
+            m = tot
             dt_ms += c_edec * ndec + c_eager
+        if c_shrink:
+            dt_ms += c_shrink * (64 if m < 128 else 8) * ((m + 31) // 32)
         if trace is not None:
             trace.prefill_tokens.append(p_tok)
             trace.decode_seqs.append(ndec)
@@ -597,8 +583,8 @@ def run_engine(
         simulated_s=min(t, duration_s),
         wall_s=time.perf_counter() - wall0,
         kv_blocks_total=total_blocks,
-        gpu_loads=n_gpu_loads,
-        disk_loads=n_disk_loads,
+        gpu_loads=caches.gpu_loads,
+        disk_loads=caches.disk_loads,
         timeseries={
             "t_s": np.asarray(ts_t),
             "running": np.asarray(ts_run),

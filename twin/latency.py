@@ -20,7 +20,12 @@ shapes the profiling sweeps never ran. The terms follow how a vLLM step runs on 
                             rank, not the adapter's own);
   ``lora_prefill_ktokens``  extra per thousand prompt tokens (the large-M kernel configuration);
   ``lora_slot_mtokens``     launched-and-exiting blocks: millions of tokens x (max_loras + 1), why
-                            a replica with many slots pays for them even when few are in use;
+                            a replica with many slots pays for them even when few are in use
+                            (the expand kernel's grid);
+  ``lora_shrink_kctas``     thousands of shrink-kernel thread blocks: SPLIT_K x cdiv(M, 32) x
+                            cdiv(rank, 16) x (max_loras + 1), where SPLIT_K is 64 below 128
+                            tokens and 8 above (the kernel's own configuration), so a small batch
+                            on a replica with many slots launches *more* blocks than a large one;
   ``lora_adapters``         per *distinct* adapter in the batch x cdiv(max_lora_rank, 16): each
                             active adapter gets its own thread blocks, one more per 16 ranks.
 
@@ -52,6 +57,7 @@ FEATURES: tuple[str, ...] = (
     "lora_prefill_ktokens",
     "lora_adapters",
     "lora_slot_mtokens",
+    "lora_shrink_kctas",
 )
 RANK_BLOCK = 16  # BLOCK_N of vLLM's LoRA shrink kernel: rank tiles per thread block
 
@@ -59,6 +65,20 @@ RANK_BLOCK = 16  # BLOCK_N of vLLM's LoRA shrink kernel: rank tiles per thread b
 def rank_tiles(max_lora_rank: Any) -> Any:
     """cdiv(rank, 16): how many rank tiles the LoRA kernels launch per token block."""
     return np.ceil(np.asarray(max_lora_rank, dtype=float) / RANK_BLOCK)
+
+
+SHRINK_BLOCK_M = 32
+SHRINK_SMALL_M = 128  # below this many tokens the shrink kernel splits K 64 ways, else 8
+
+
+def shrink_blocks(tokens: Any, max_lora_rank: Any, max_loras: Any) -> Any:
+    """Thread blocks one LoRA shrink launch starts (vllm/lora/ops/triton_ops/lora_shrink.py)."""
+    m = np.asarray(tokens, dtype=float)
+    split_k = np.where(m < SHRINK_SMALL_M, 64.0, 8.0)
+    return (
+        split_k * np.ceil(m / SHRINK_BLOCK_M) * rank_tiles(max_lora_rank)
+        * (np.asarray(max_loras, dtype=float) + 1)
+    )
 
 
 def cuda_graph_sizes(max_tokens: int) -> list[int]:
@@ -95,6 +115,7 @@ class StepTimeModel:
     lora_prefill_ktokens: float = 0.0
     lora_adapters: float = 0.0
     lora_slot_mtokens: float = 0.0
+    lora_shrink_kctas: float = 0.0
     cuda_graph_max_tokens: int = 512  # 0: no CUDA graphs (CPU backend): every step is "eager"
 
     def __post_init__(self) -> None:
@@ -181,5 +202,6 @@ def design_matrix(
             on * p / 1e3,
             on * a * rank_tiles(r),
             on * t * (g + 1) / 1e6,
+            on * shrink_blocks(tpad, r, g) / 1e3,
         ]
     )

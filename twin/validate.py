@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +77,32 @@ def _json_counts(row: pd.Series, column: str) -> dict[float, int]:
         ) from None
 
 
+def _present(row: pd.Series, column: str) -> bool:
+    value = row.get(column)
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and (
+        str(value).strip() != ""
+    )
+
+
+def run_seed(row: pd.Series, default: int) -> int:
+    """Rows written by `lorafleet bench` carry the seed their requests were generated with."""
+    return int(row["seed"]) if _present(row, "seed") else default
+
+
 def run_workload(row: pd.Series, seed: int = 0) -> tuple[Workload, EngineConfig]:
     """The workload and engine config of one measured run, from its configuration columns.
 
-    Which adapter got which rate and rank is random in the real runs and not logged; here it is
+    A row written by `lorafleet bench` carries its exact workload (``workload_json``). For the
+    reference runs, which adapter got which rate and rank is random and not logged; here it is
     drawn with ``seed`` (rates and ranks shuffled independently, as the benchmark did).
     """
+    config = _run_config(row)
+    if _present(row, "workload_json"):
+        try:
+            workload = Workload.from_dict(json.loads(row["workload_json"]))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"run {row['run']!r}: workload_json: {exc}") from None
+        return replace(workload, duration_s=float(row["window_s"])), config
     ranks = _json_counts(row, "rank_mix")
     rates = _json_counts(row, "adapter_rate_counts")
     n_ranks = sum(ranks.values())
@@ -109,16 +129,22 @@ def run_workload(row: pd.Series, seed: int = 0) -> tuple[Workload, EngineConfig]
         lengths=LengthModel.from_dict(lengths),
         duration_s=float(row["window_s"]),
     )
-    config = EngineConfig(
+    return workload, config
+
+
+def _run_config(row: pd.Series) -> EngineConfig:
+    budget = (
+        int(row["max_num_batched_tokens"])
+        if _present(row, "max_num_batched_tokens")
+        else max(2048, int(row["max_num_seqs"]))  # the reference runs: vLLM's 2048 default
+    )
+    return EngineConfig(
         max_loras=int(row["max_loras"]),
         max_cpu_loras=int(row["max_cpu_loras"]),
         max_lora_rank=int(row["max_lora_rank"]),
         max_num_seqs=int(row["max_num_seqs"]),
-        max_num_batched_tokens=int(row.get("max_num_batched_tokens", 2048) or 2048)
-        if "max_num_batched_tokens" in row
-        else max(2048, int(row["max_num_seqs"])),
+        max_num_batched_tokens=budget,
     )
-    return workload, config
 
 
 def measured_starved(row: pd.Series) -> bool:
@@ -130,9 +156,10 @@ def measured_starved(row: pd.Series) -> bool:
 
 
 def _predict_one(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
-    row_dict, profile_ref, seed = args
+    row_dict, profile_ref, default_seed = args
     row = pd.Series(row_dict)
     profile = load_profile(profile_ref)
+    seed = run_seed(row, default_seed)
     workload, config = run_workload(row, seed)
     res = simulate(workload, config, profile, seed=seed)
     m = res.metrics
