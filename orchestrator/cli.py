@@ -165,6 +165,15 @@ VALIDATE_LABELS = {
 }
 
 
+def _client_cap(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise CLIError(f"--client-max-inflight: auto, none or an integer, got {text!r}") from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -181,6 +190,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = validate(
             runs, args.profile, limit=args.limit, seed=args.seed, workers=args.workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            client_max_inflight=_client_cap(args.client_max_inflight),
         )
     out = Path(args.out) if args.out else None
     plots: list[Path] = []
@@ -352,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=None, help="a seeded random sample of N runs")
     v.add_argument("--seed", type=int, default=0, help="seed of the workloads and the sample")
     v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    v.add_argument(
+        "--client-max-inflight", default="auto",
+        help="load-generator cap on requests in flight for rows that do not record one: auto "
+        "(the reference harness: one connection per request, 28,232 ephemeral ports), none, or N",
+    )
     v.add_argument("--out", default=None,
                    help="per-run predictions CSV; scatter plots go next to it")
     v.add_argument("--json", action="store_true", help="print one JSON object")
@@ -360,9 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profiles", help="list the available profiles")
     pr.set_defaults(func=cmd_profiles)
 
+    from orchestrator.live_bench import add_parser as add_bench_parser
+    from orchestrator.live_profile import add_parser as add_profile_parser
     from orchestrator.tiny_model import add_parser as add_tiny_model_parser
 
     add_tiny_model_parser(sub)
+    add_profile_parser(sub)
+    add_bench_parser(sub)
 
     d = sub.add_parser("demo", help="the main job: a measured H100 hour vs the twin's replay")
     d.add_argument("--json", action="store_true")

@@ -235,3 +235,52 @@ def test_engine_is_deterministic(hand_profile):
     b = run_engine(arrival, adapter, prompt, output, [8] * 4, CFG, prof, 30.0)
     np.testing.assert_array_equal(a.finish_s, b.finish_s)
     np.testing.assert_array_equal(a.itl_gap_ms, b.itl_gap_ms)
+
+
+def test_client_cap_fails_requests_beyond_the_in_flight_limit(hand_profile):
+    cfg = EngineConfig(max_loras=1, max_num_seqs=1, max_num_batched_tokens=64)
+    reqs = [(0.0, 0, 4, 3), (0.0, 0, 4, 3), (0.0, 0, 4, 3), (0.1, 0, 4, 3)]
+    a = np.array([r[0] for r in reqs])
+    ad = np.zeros(4, np.int32)
+    p = np.full(4, 4, np.int32)
+    o = np.full(4, 3, np.int32)
+    r = run_engine(a, ad, p, o, [8], cfg, hand_profile, 10.0, client_max_inflight=2)
+    # two in flight at t=0 (one running, one waiting): the third fails; by t=0.1 all is done
+    assert r.dropped.tolist() == [False, False, True, False]
+    assert np.isnan(r.finish_s[2]) and np.isfinite(r.finish_s[[0, 1, 3]]).all()
+    assert r.first_token_s[1] == pytest.approx(0.040)
+    unbounded = run_engine(a, ad, p, o, [8], cfg, hand_profile, 10.0)
+    assert not unbounded.dropped.any() and np.isfinite(unbounded.finish_s).all()
+
+
+def test_client_cap_keeps_later_requests_of_in_set_adapters_reachable(hand_profile):
+    # one slot, adapter 0 in the set. Adapter 0's next request (3) is dropped at the client
+    # (3 in flight); the one after it (4) arrives once the base-model request freed room and
+    # must still be found while the set is full, long before adapter 1's turn.
+    cfg = EngineConfig(max_loras=1, max_num_seqs=4, max_num_batched_tokens=64)
+    reqs = [(0.0, 0, 4, 50), (0.0, -1, 4, 2), (0.0, 1, 4, 2), (0.01, 0, 4, 2), (0.095, 0, 4, 2)]
+    a = np.array([r[0] for r in reqs])
+    ad = np.array([r[1] for r in reqs], np.int32)
+    p = np.full(5, 4, np.int32)
+    o = np.array([r[3] for r in reqs], np.int32)
+    r = run_engine(a, ad, p, o, [8, 8], cfg, hand_profile, 10.0, client_max_inflight=3)
+    assert r.dropped.tolist() == [False, False, False, True, False]
+    assert r.first_token_s[4] == pytest.approx(0.11)
+    assert r.first_token_s[2] > r.finish_s[0]
+
+
+def test_client_cap_fuzz_matches_an_unbounded_client_on_the_surviving_requests():
+    """Dropping requests at the client must leave the engine's bookkeeping intact: replaying
+    only the surviving requests without a cap gives the same timings."""
+    arrival, adapter, prompt, output = _random_workload(11, 400, 5, 512)
+    prof = make_profile(kv_tokens=3000, max_model_len=512, decode_ms_per_seq=0.2,
+                        lora_adapter_ms=0.3)
+    cfg = EngineConfig(max_loras=2, max_cpu_loras=5, max_num_seqs=12, max_num_batched_tokens=96)
+    capped = run_engine(arrival, adapter, prompt, output, [8] * 5, cfg, prof, 60.0,
+                        client_max_inflight=15)
+    assert capped.dropped.sum() > 20
+    keep = ~capped.dropped
+    plain = run_engine(arrival[keep], adapter[keep], prompt[keep], output[keep], [8] * 5, cfg,
+                       prof, 60.0)
+    np.testing.assert_allclose(capped.first_token_s[keep], plain.first_token_s, atol=1e-9)
+    np.testing.assert_allclose(capped.finish_s[keep], plain.finish_s, atol=1e-9)

@@ -41,7 +41,7 @@ from twin.latency import padding_table, rank_tiles
 from twin.profile import Profile
 
 # request states
-_PENDING, _WAITING, _RUNNING, _DONE, _REJECTED = 0, 1, 2, 3, 4
+_PENDING, _WAITING, _RUNNING, _DONE, _REJECTED, _DROPPED = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -71,6 +71,7 @@ class EngineResult:
     generated: np.ndarray  # output tokens produced (at the end of the run)
     preemptions: np.ndarray  # per request
     rejected: np.ndarray  # bool: longer than max_model_len
+    dropped: np.ndarray  # bool: failed at the client (client_max_inflight reached)
     itl_gap_ms: np.ndarray  # distinct decode-step durations ...
     itl_weight: np.ndarray  # ... and how many decode tokens each produced
     preempt_gap_ms: np.ndarray  # extra inter-token gaps of requests resumed after preemption
@@ -97,12 +98,16 @@ def run_engine(
     timeseries_interval_s: float = 10.0,
     record_trace: bool = False,
     preload_cpu: bool = True,
+    client_max_inflight: int | None = None,
 ) -> EngineResult:
     """Emulate one engine on arrival-sorted requests until ``duration_s`` of simulated time.
 
     A pure function of its inputs (no randomness inside): identical inputs give identical output.
     ``adapter[i] == -1`` is a base-model request. ``preload_cpu`` registers the adapters in the
     CPU cache at start (the reference servers pre-register theirs), up to ``max_cpu_loras``.
+    ``client_max_inflight`` models a load generator that cannot hold more requests in flight
+    (e.g. one TCP connection per request and a finite ephemeral-port range): a request arriving
+    while that many are running or waiting fails at once and is never served.
     """
     wall0 = time.perf_counter()
     kv_tokens = profile.check_feasible(config)
@@ -206,6 +211,8 @@ def run_engine(
     ).tolist()
     n_fresh_admitted = 0
     n_pre_waiting = 0
+    n_dropped = 0
+    client_cap = client_max_inflight
     sheap: list[tuple[int, int]] = []  # (key, rid): head of each in-set adapter, maybe unarrived
     front_key = 0
 
@@ -217,6 +224,9 @@ def run_engine(
         if lst is None:
             return -1
         p = aptr[a]
+        while p < len(lst) and state[lst[p]] == _DROPPED:
+            p += 1
+        aptr[a] = p
         return lst[p] if p < len(lst) else -1
 
     def push_head(a: int) -> None:
@@ -342,10 +352,22 @@ def run_engine(
     steps = 0
     while True:
         # requests that have arrived by now (no per-request work: see the waiting queue above)
-        ai = bisect_right(arr, t, ai)
-        nwait = ai - rejected_before[ai] - n_fresh_admitted + n_pre_waiting
+        new_ai = bisect_right(arr, t, ai)
+        if client_cap is not None and new_ai > ai:
+            # the load generator holds at most client_cap requests in flight; the rest fail
+            room = client_cap - (len(run) + ai - rejected_before[ai] - n_dropped
+                                 - n_fresh_admitted + n_pre_waiting)
+            for i in range(ai, new_ai):
+                if state[i] == _PENDING:
+                    if room > 0:
+                        room -= 1
+                    else:
+                        state[i] = _DROPPED
+                        n_dropped += 1
+        ai = new_ai
+        nwait = ai - rejected_before[ai] - n_dropped - n_fresh_admitted + n_pre_waiting
         if not run and nwait == 0:
-            while ai < n and state[ai] == _REJECTED:
+            while ai < n and state[ai] == _REJECTED:  # (dropped ones have arrived already)
                 ai += 1
             if ai >= n or arr[ai] >= duration_s:
                 break
@@ -441,6 +463,8 @@ def run_engine(
                             rid = r
                             break
                         heapq.heappop(sheap)
+                        if state[r] == _DROPPED and (a < 0 or acnt.get(a, 0) > 0):
+                            push_head(a)  # it was this adapter's (not yet arrived) head
                 else:
                     while front:
                         k, r = front[0]
@@ -466,6 +490,7 @@ def run_engine(
                 ncomp[rid] = 0
                 a = adp[rid]
                 if state[rid] == _PENDING:
+                    adapter_head(a)  # moves the pointer past requests dropped at the client
                     aptr[a] += 1
                     n_fresh_admitted += 1
                 else:
@@ -576,6 +601,7 @@ def run_engine(
         generated=np.asarray(gen, dtype=np.int64),
         preemptions=np.asarray(npre, dtype=np.int64),
         rejected=np.frombuffer(bytes(state), dtype=np.uint8) == _REJECTED,
+        dropped=np.frombuffer(bytes(state), dtype=np.uint8) == _DROPPED,
         itl_gap_ms=np.asarray(itl_gap, dtype=float),
         itl_weight=np.asarray(itl_w, dtype=np.int64),
         preempt_gap_ms=np.asarray(preempt_gaps, dtype=float),

@@ -99,6 +99,7 @@ def simulate_requests(
     *,
     record_trace: bool = False,
     timeseries_interval_s: float = 10.0,
+    client_max_inflight: int | None = None,
 ) -> SimResult:
     """Run the engine on an explicit request batch (replayed traces, calibration sweeps)."""
     ids = adapter_ids or [str(i) for i in range(len(adapter_ranks))]
@@ -117,6 +118,7 @@ def simulate_requests(
         duration_s,
         record_trace=record_trace,
         timeseries_interval_s=timeseries_interval_s,
+        client_max_inflight=client_max_inflight,
     )
     rec = RequestRecords(
         arrival_s=requests.arrival_s,
@@ -134,6 +136,7 @@ def simulate_requests(
     )
     metrics.update(
         {
+            "client_dropped": int(eng.dropped.sum()),
             "simulated_s": eng.simulated_s,
             "wall_s": eng.wall_s,
             "engine_steps": eng.engine_steps,
@@ -160,8 +163,12 @@ def simulate(
     duration_s: float | None = None,
     *,
     record_trace: bool = False,
+    client_max_inflight: int | None = None,
 ) -> SimResult:
-    """Generate the workload's requests with ``seed`` and run one engine on them."""
+    """Generate the workload's requests with ``seed`` and run one engine on them.
+
+    ``client_max_inflight``: see ``twin.engine.run_engine`` (None: an unbounded client).
+    """
     window = float(duration_s if duration_s is not None else workload.duration_s)
     requests = generate_requests(workload, window, seed=seed)
     return simulate_requests(
@@ -172,4 +179,5 @@ def simulate(
         window,
         [a.id for a in workload.adapters],
         record_trace=record_trace,
+        client_max_inflight=client_max_inflight,
     )

@@ -46,6 +46,13 @@ REQUIRED_COLUMNS = (
 )
 NOT_STARVED_ONLY = {"ttft_mean_ms"}  # the earlier twin charges unfinished requests the window
 
+# The reference runs' load generator (vLLM 0.8.5 benchmark_serving) opens one TCP connection per
+# request to a server on the same node, so it can hold at most one request per ephemeral port in
+# flight: Linux's default range 32768-60999 is 28,232 ports. Beyond that a request fails to
+# connect and is never served. The runs' Prometheus series agree: waiting + running never
+# exceeds ~28.5 k although up to 1.3 M requests were offered.
+REFERENCE_CLIENT_MAX_INFLIGHT = 60999 - 32768 + 1
+
 
 class ValidationError(ValueError):
     """A runs table that cannot be replayed (the message names the column or row)."""
@@ -82,6 +89,13 @@ def _present(row: pd.Series, column: str) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and (
         str(value).strip() != ""
     )
+
+
+def run_client_cap(row: pd.Series, default: int | None) -> int | None:
+    """A row's load-generator cap: its own column when recorded (empty = unbounded)."""
+    if "client_max_inflight" in row.index:
+        return int(row["client_max_inflight"]) if _present(row, "client_max_inflight") else None
+    return default
 
 
 def run_seed(row: pd.Series, default: int) -> int:
@@ -155,13 +169,14 @@ def measured_starved(row: pd.Series) -> bool:
     return bool(row["total_throughput_tps"] < STARVATION_THRESHOLD * offered)
 
 
-def _predict_one(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
-    row_dict, profile_ref, default_seed = args
+def _predict_one(args: tuple[dict[str, Any], str, int, int | None]) -> dict[str, Any]:
+    row_dict, profile_ref, default_seed, default_cap = args
     row = pd.Series(row_dict)
     profile = load_profile(profile_ref)
     seed = run_seed(row, default_seed)
     workload, config = run_workload(row, seed)
-    res = simulate(workload, config, profile, seed=seed)
+    cap = run_client_cap(row, default_cap)
+    res = simulate(workload, config, profile, seed=seed, client_max_inflight=cap)
     m = res.metrics
     return {
         "model": row["model"],
@@ -172,6 +187,8 @@ def _predict_one(args: tuple[dict[str, Any], str, int]) -> dict[str, Any]:
         "twin_starved": m["starved"],
         "twin_completed": m["completed"],
         "twin_preemptions": m["preemptions"],
+        "twin_client_dropped": m["client_dropped"],
+        "twin_client_max_inflight": cap,
         "twin_wall_s": m["wall_s"],
         "twin_engine_steps": m["engine_steps"],
     }
@@ -198,13 +215,29 @@ def validate(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    client_max_inflight: int | str | None = "auto",
 ) -> ValidationResult:
-    """Simulate every run (or a seeded sample of ``limit``) and score the twin per metric."""
+    """Simulate every run (or a seeded sample of ``limit``) and score the twin per metric.
+
+    ``client_max_inflight``: the load generator's in-flight cap for rows that do not record
+    one: ``"auto"`` = the reference harness's (REFERENCE_CLIENT_MAX_INFLIGHT), an int, or None
+    (unbounded).
+    """
     wall0 = time.perf_counter()
     if limit is not None and limit < len(runs):
         runs = runs.sample(n=limit, random_state=seed).sort_index()
     runs = runs.reset_index(drop=True)
-    jobs = [(r.to_dict(), resolve_profile(r, profile), seed) for _, r in runs.iterrows()]
+    if client_max_inflight == "auto":
+        default_cap: int | None = REFERENCE_CLIENT_MAX_INFLIGHT
+    elif client_max_inflight is None or isinstance(client_max_inflight, int):
+        default_cap = client_max_inflight
+    else:
+        raise ValidationError(
+            f"client_max_inflight: 'auto', an integer or None, got {client_max_inflight!r}"
+        )
+    jobs = [
+        (r.to_dict(), resolve_profile(r, profile), seed, default_cap) for _, r in runs.iterrows()
+    ]
     # heavy runs first so the pool stays busy to the end
     order = np.argsort(-runs["offered_request_rate_rps"].fillna(0).to_numpy(), kind="stable")
     results: list[dict[str, Any] | None] = [None] * len(jobs)
