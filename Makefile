@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bootstrap-stamp
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: env demo test test-fast lint bench calibrate clean-env
+.PHONY: env demo test test-fast lint bench calibrate validate live-loop clean-env
 
 $(STAMP): pyproject.toml scripts/bootstrap_env.sh
 	bash scripts/bootstrap_env.sh
@@ -30,6 +30,12 @@ bench: env  ## speed benchmarks, one JSON line each
 calibrate: env  ## re-fit the shipped H100 profiles from data/reference
 	$(VENV)/bin/lorafleet calibrate data/reference/vllm-0.8.5-h100 --model llama-3.1-8b-instruct -o profiles/llama-3.1-8b-instruct.yaml
 	$(VENV)/bin/lorafleet calibrate data/reference/vllm-0.8.5-h100 --model qwen-2.5-7b-instruct -o profiles/qwen-2.5-7b-instruct.yaml
+
+validate: env  ## the twin vs the 294 measured H100 runs (table + plots in out/validate)
+	$(VENV)/bin/lorafleet validate data/reference/vllm-0.8.5-h100/validation_runs.csv --out out/validate/predictions.csv
+
+live-loop: env  ## profile + calibrate + bench + validate the real CPU vLLM on this machine
+	$(PY) benchmarks/live_loop.py --full --window 60 --out out/live_loop
 
 clean-env:
 	rm -rf $(VENV)

@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 
 from orchestrator.tiny_model import TinyAdapter, TinyModel, TinyModelError, load_tiny_model
+from twin.config import VALID_MAX_LORA_RANKS, ConfigError
 from twin.metrics import RequestRecords, aggregate_metrics
+from twin.simulate import smallest_valid_rank
 from twin.workload import RequestBatch, Workload, WorkloadError, generate_requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +49,6 @@ ENGINES = ("vllm",)
 DEFAULT_MODEL_NAME = "tiny-llama-cpu"  # `lorafleet validate --profile auto` -> profiles/<name>.yaml
 DEFAULT_MAX_MODEL_LEN = 512
 MODEL_LEN_STEP = 256  # an automatically raised max_model_len is rounded up to this
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # LoRAConfig.max_lora_rank choices
 FIRST_PROMPT_TOKEN = 7  # the tiny tokenizer's ids 0..6 are special tokens; prompts avoid them
 PROMPT_SEED_SALT = 0x7B0C  # prompt token ids use a stream independent of generate_requests'
 WARMUP_PROMPT_TOKENS = 16
@@ -161,11 +162,11 @@ class BenchPlan:
 
 
 def _vllm_rank(rank: int) -> int:
-    """Smallest ``max_lora_rank`` vLLM accepts that fits ``rank``."""
-    for r in VLLM_LORA_RANKS:
-        if r >= rank:
-            return r
-    raise BenchError(f"adapter rank {rank} exceeds vLLM's largest max_lora_rank 512")
+    """Smallest ``max_lora_rank`` vLLM accepts that fits ``rank`` (the twin's rule)."""
+    try:
+        return smallest_valid_rank(rank)
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def _model_limits(model: TinyModel) -> tuple[int, int]:
@@ -255,9 +256,9 @@ def prepare(config: BenchConfig) -> BenchPlan:
         )
     top_rank = max((a.rank for a in adapters), default=1)
     max_lora_rank = _vllm_rank(top_rank) if config.max_lora_rank is None else config.max_lora_rank
-    if max_lora_rank not in VLLM_LORA_RANKS:
+    if max_lora_rank not in VALID_MAX_LORA_RANKS:
         raise BenchError(
-            f"--max-lora-rank: vLLM accepts only {list(VLLM_LORA_RANKS)}, got {max_lora_rank}"
+            f"--max-lora-rank: vLLM accepts only {list(VALID_MAX_LORA_RANKS)}, got {max_lora_rank}"
         )
     if max_lora_rank < top_rank:
         raise BenchError(
@@ -427,6 +428,7 @@ async def _serve(plan: BenchPlan, progress: Callable[[str], None]) -> Measuremen
         vc = engine.vllm_config
         facts["kv_cache_tokens"] = int((vc.cache_config.num_gpu_blocks or 0)
                                        * vc.cache_config.block_size)
+        facts["block_size"] = int(vc.cache_config.block_size)
         facts["max_num_seqs"] = int(vc.scheduler_config.max_num_seqs)
         facts["max_num_batched_tokens"] = int(vc.scheduler_config.max_num_batched_tokens)
         progress(
@@ -645,6 +647,7 @@ def build_row(
         "completed_token_fraction": metrics["completed_token_fraction"],
         "starved": metrics["starved"],
         "kv_cache_tokens": eng.get("kv_cache_tokens"),
+        "block_size": eng.get("block_size"),
         "engine_start_s": eng.get("engine_start_s"),
         "warmup_s": eng.get("warmup_s"),
         "max_send_lag_ms": eng.get("max_send_lag_ms"),

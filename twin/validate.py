@@ -158,6 +158,8 @@ def _run_config(row: pd.Series) -> EngineConfig:
         max_lora_rank=int(row["max_lora_rank"]),
         max_num_seqs=int(row["max_num_seqs"]),
         max_num_batched_tokens=budget,
+        block_size=int(row["block_size"]) if _present(row, "block_size") else 16,
+        max_model_len=int(row["max_model_len"]) if _present(row, "max_model_len") else None,
     )
 
 
