@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from twin.calibrate import smape
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.metrics import STARVATION_THRESHOLD
-from twin.profile import Profile, load_profile
+from twin.profile import load_profile
 from twin.simulate import simulate
 from twin.workload import AdapterSpec, Workload
 
@@ -255,8 +255,6 @@ def validate(
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(_predict_one, jobs[i]): i for i in order}
-            from concurrent.futures import as_completed
-
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 done += 1
@@ -370,7 +368,3 @@ def scatter_plots(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def profile_for(row: pd.Series, profile: str) -> Profile:
-    return load_profile(resolve_profile(row, profile))
