@@ -14,7 +14,9 @@ What it reproduces (see docs/vllm_v1_semantics.md for the source references):
   its KV is freed and it goes back to the front of the queue);
 * adapters: GPU slots and the CPU cache are LRUs of ``max_loras`` / ``max_cpu_loras`` entries
   walked the way vLLM's worker walks them (``twin.adapters``), and a missing adapter costs a
-  disk->CPU and/or CPU->GPU load in the step that needs it.
+  disk->CPU and/or CPU->GPU load in the step that needs it;
+* optionally, the load generator's cap on requests in flight (``client_max_inflight``): requests
+  arriving beyond it fail at the client and never reach the engine.
 
 Speed: the loop's work per step is O(changes), never O(batch). Decoding requests are not touched
 per step: each stores the engine's decode clock when it entered decode, from which its token count
