@@ -22,7 +22,9 @@ from orchestrator.live_loop import run_live_loop
 
 @pytest.mark.integration
 def test_profile_calibrate_bench_validate_on_a_live_engine(tmp_path):
-    out = run_live_loop(tmp_path, quick=True, window_s=30.0, repeats=2, log=print)
+    # the full sweep (≈ 100 s: a no-LoRA engine, more batch shapes): fitted on the quick one the
+    # twin missed the saturated throughput by 10-13 % in our runs, on the full one by 4 %
+    out = run_live_loop(tmp_path, quick=False, window_s=30.0, repeats=2, log=print)
     assert out["step_fit_held_out"]["steps"] > 200
     step_smape = out["step_fit_held_out"]["smape_pct"]
     light, saturated = out["workloads"]["cpu-light"], out["workloads"]["cpu-saturated"]
