@@ -278,17 +278,14 @@ def run_engine(
             caches.left_batch(a, steps - 1)
 
     def remove_decoder(rid: int) -> int:
-        """Detach a decoder from the aggregates; returns its KV blocks (see dec_held)."""
+        """Detach a decoder from the aggregates; returns its KV blocks."""
         nonlocal ndec, s_nb
         is_dec[rid] = 0
         ndec -= 1
         s_nb -= plen[rid] + gen[rid] - 1 - dc_in[rid]
-        t0 = trig0[rid]
-        bmem[t0 % period].discard(rid)
+        bmem[trig0[rid] % period].discard(rid)
         gen[rid] += dc - dc_in[rid]
-        if dc <= t0:
-            return held[rid]
-        return held[rid] + grab * ((dc - t0 - 1) // period + 1)
+        return dec_held(rid, dc)
 
     def add_decoder(rid: int, h: int) -> None:
         """Register a request that will decode from clock ``dc`` on, holding ``h`` blocks."""
