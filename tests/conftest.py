@@ -25,6 +25,7 @@ def make_profile(
     graph_ms_per_token: float = 0.0,
     eager_ms: float = 0.0,
     lora_ms_per_ktoken: float = 0.0,
+    scan_us_per_waiting: float = 0.0,
 ) -> Profile:
     """A profile whose step time is easy to compute by hand (default: every step 10 ms)."""
     return Profile(
@@ -51,6 +52,7 @@ def make_profile(
         scheduler=SchedulerQuirks(
             kv_preallocate_blocks=preallocate_blocks,
             admit_only_if_prompt_fits=admit_only_if_prompt_fits,
+            scan_us_per_waiting=scan_us_per_waiting,
         ),
     )
 

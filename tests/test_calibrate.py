@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from twin.calibrate import (
@@ -12,6 +13,7 @@ from twin.calibrate import (
     calibrate_reference,
     fit_adapter_loads,
     fit_kv_capacity,
+    fit_scan_cost,
     load_reference,
     smape,
 )
@@ -37,7 +39,8 @@ def test_replay_splits_logged_tokens_into_prefill_and_decode():
     # prompt (2 + 5), then decodes (3), ...
     rows, bad = replay_logged_tokens(np.array([10, 7, 3, 1]), 5, 3, max_seqs=4)
     assert bad == 0
-    p, d, k, admitted, finished = rows.T
+    p, d, k, admitted, finished, scanned = rows.T
+    assert np.isnan(scanned).all()  # a token log does not tell how much of the queue was walked
     assert p.tolist() == [10, 5, 0, 0]
     assert d.tolist() == [0, 2, 3, 1]
     assert admitted.tolist() == [2, 1, 0, 0]
@@ -98,3 +101,31 @@ def test_calibration_errors_name_the_problem(tmp_path):
         load_reference(tmp_path, LLAMA)
     with pytest.raises(CalibrationError, match="no rows for model 'gpt-9'"):
         load_reference(DATA, "gpt-9")
+
+
+def _scan_steps(skip_us: float, runs: int = 4, steps: int = 200, vary: bool = True):
+    rng = np.random.default_rng(1)
+    frames = []
+    for r in range(runs):
+        skipped = rng.integers(0, 60, steps) if vary else np.full(steps, 30)
+        decode = rng.integers(0, 3, steps)
+        admitted = rng.integers(0, 2, steps)
+        sched = 0.02 + 0.01 * r + 2e-3 * decode + 5e-3 * admitted + skip_us * 1e-3 * skipped
+        frames.append(pd.DataFrame({
+            "run": f"r{r}", "decode_seqs": decode, "admitted": admitted,
+            "scanned": skipped + admitted, "scheduler_ms": sched + rng.normal(0, 1e-4, steps),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_scan_cost_is_recovered_from_scheduler_time_despite_run_offsets():
+    us, report = fit_scan_cost(_scan_steps(0.3))
+    assert us == pytest.approx(0.3, rel=0.05)
+    assert report["runs"] == 4
+
+
+def test_scan_cost_without_skip_variation_is_reported_unidentifiable():
+    us, report = fit_scan_cost(_scan_steps(0.3, vary=False))
+    assert us is None and "skipped" in report["why"]
+    us, report = fit_scan_cost(pd.DataFrame({"run": ["a"], "step_ms": [1.0]}))
+    assert us is None and "scheduler_ms" in report["why"]

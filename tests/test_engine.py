@@ -70,6 +70,32 @@ def test_max_loras_skips_other_adapters_but_keeps_scanning(hand_profile):
     assert r.first_token_s[1] == pytest.approx(0.040)  # B only once adapter 0 left the batch
 
 
+def test_skipped_waiting_requests_cost_scheduler_time():
+    # 1 ms per skipped request: adapter 0 holds the only slot for 4 steps while the 3 requests
+    # of adapter 1 behind it are walked past in every one of them
+    prof = make_profile(scan_us_per_waiting=1000.0)
+    cfg = EngineConfig(max_loras=1, max_num_seqs=8, max_num_batched_tokens=64)
+    reqs = [(0.0, 0, 4, 4)] + [(0.0, 1, 4, 2)] * 3
+    r = run_engine(
+        np.array([q[0] for q in reqs]), np.array([q[1] for q in reqs], np.int32),
+        np.array([q[2] for q in reqs], np.int32), np.array([q[3] for q in reqs], np.int32),
+        [8, 8], cfg, prof, 1000.0, record_trace=True,
+    )
+    tr = r.trace.to_arrays()
+    assert tr["scanned"][:4].tolist() == [4, 3, 3, 3]  # the queue, then the three skipped ones
+    assert tr["step_ms"][:4].tolist() == pytest.approx([13.0, 13.0, 13.0, 13.0])
+    # adapter 1's three requests are then admitted together: nothing skipped, no scan cost
+    assert tr["admitted"][4] == 3 and tr["step_ms"][4] == pytest.approx(10.0)
+
+
+def test_fcfs_admission_without_skips_costs_no_scan_time():
+    prof = make_profile(scan_us_per_waiting=1000.0)
+    cfg = EngineConfig(max_loras=4, max_num_seqs=8, max_num_batched_tokens=8)
+    # budget 8 tokens: one 8-token prompt per step, the rest stay queued but are never examined
+    r = run([(0.0, i % 2, 8, 1) for i in range(4)], cfg, prof)
+    assert np.diff(np.sort(r.finish_s)).tolist() == pytest.approx([0.010] * 3)
+
+
 def test_base_model_requests_are_never_skipped_by_the_lora_rule(hand_profile):
     cfg = EngineConfig(max_loras=1, max_num_seqs=8, max_num_batched_tokens=64)
     r = run([(0.0, 0, 4, 3), (0.0, 1, 4, 3), (0.0, -1, 4, 3)], cfg, hand_profile)

@@ -56,6 +56,7 @@ class StepTrace:
     lora_adapters: list[int] = field(default_factory=list)
     loads: list[int] = field(default_factory=list)
     admitted: list[int] = field(default_factory=list)  # requests newly admitted this step
+    scanned: list[int] = field(default_factory=list)  # waiting requests the waiting loop examined
     finished: list[int] = field(default_factory=list)  # requests that finished in this step
     step_ms: list[float] = field(default_factory=list)
     start_s: list[float] = field(default_factory=list)
@@ -149,6 +150,7 @@ def run_engine(
     pad = padding_table(graph_max)
     # shrink-kernel blocks per launched token block, by regime (see twin.latency.shrink_blocks)
     c_shrink = sm.lora_shrink_kctas / 1e3 * tiles * (gpu_slots + 1) if lora_on else 0.0
+    c_scan = profile.scheduler.scan_us_per_waiting / 1e3
     loads_tab = profile.adapter_loads
     ranks = [int(r) for r in adapter_ranks]
     gpu_ms = [loads_tab.gpu_load_ms(max_rank, r) for r in ranks]
@@ -337,6 +339,24 @@ def run_engine(
             heapq.heappush(sheap, (front_key, rid))
         return rid
 
+    def queue_position(rid: int, nwait0: int, npre0: int, n_admitted: int, ai: int) -> int:
+        """Approximate queue position of ``rid`` among the step's ``nwait0`` waiting requests.
+
+        Preempted requests sit at the head. Fresh ones follow in arrival order; waiting ones are
+        taken as spread evenly over the ids from the oldest pending to the newest arrived, which
+        keeps this O(1) (an exact count would cost a tree update per admission).
+        """
+        nonlocal gptr
+        if rid < 0:
+            return n_admitted
+        if wkey[rid] < 0:
+            return min(nwait0, n_admitted + 1)
+        while gptr < n and state[gptr] != _PENDING:
+            gptr += 1
+        span = ai - gptr
+        est = npre0 + ((nwait0 - npre0) * (rid - gptr + 1) // span if span > 0 else 0)
+        return max(n_admitted + (state[rid] != _RUNNING), min(nwait0, est))
+
     def activate(a: int) -> None:
         """Adapter ``a`` joins the step's adapter set (loads are settled after scheduling)."""
         nonlocal nact
@@ -445,8 +465,22 @@ def run_engine(
                 budget -= chunk
 
         # ---------------- schedule: waiting requests ----------------
-        if not preempted:
-            while budget > 0 and nwait and len(run) < max_seqs:
+        # ``scanned``: how many waiting requests vLLM's loop examines. It walks the queue in
+        # order, skipping other adapters' requests while the set is full, until the budget or
+        # max_num_seqs runs out (examined: up to the last admitted request), an allocation fails
+        # (up to that request) or the queue ends (all of it).
+        scanned = 0
+        stop_rid = -1
+        nwait0 = nwait
+        npre0 = n_pre_waiting
+        if not preempted and budget > 0 and len(run) < max_seqs:
+            scanned = nwait0
+            while True:
+                if budget <= 0 or len(run) >= max_seqs:
+                    scanned = -1  # stopped after the last admitted request
+                    break
+                if not nwait:
+                    break
                 rid = -1
                 if lora_on and nact >= max_loras:
                     # adapter set full: earliest waiting request of an in-set adapter
@@ -482,6 +516,8 @@ def run_engine(
                 chunk = min(need_total, budget)
                 need = -(-chunk // bs)
                 if free < (-(-need_total // bs) if full_prompt_check else need):
+                    stop_rid = rid
+                    scanned = -1
                     break
                 got = min(need + pre, free, max_blocks_req)
                 free -= got
@@ -510,6 +546,9 @@ def run_engine(
                 sched.append((rid, chunk))
                 budget -= chunk
                 n_admitted += 1
+                stop_rid = rid
+            if scanned < 0:
+                scanned = queue_position(stop_rid, nwait0, npre0, n_admitted, ai)
 
         if joined:
             if any(caches.missing(a) for a in joined):
@@ -530,7 +569,10 @@ def run_engine(
             t = max(t, arr[ai])
             continue
         tot = p_tok + ndec
-        dt_ms = c_const + c_pref * p_tok + c_ctx * k_ctx + c_lad * nact + c_ltok * tot + load_ms
+        dt_ms = (
+            c_const + c_pref * p_tok + c_ctx * k_ctx + c_lad * nact + c_ltok * tot + load_ms
+            + c_scan * (scanned - n_admitted)
+        )
         if tot <= graph_max:
             m = pad[tot]
             dt_ms += c_graph * (m - p_tok)
@@ -546,6 +588,7 @@ def run_engine(
             trace.lora_adapters.append(nact)
             trace.loads.append(loads_here)
             trace.admitted.append(n_admitted)
+            trace.scanned.append(scanned)
             trace.step_ms.append(dt_ms)
             trace.start_s.append(t)
         t += dt_ms / 1e3

@@ -161,20 +161,27 @@ class SchedulerQuirks:
     a request needed a new one (64 tokens = 4 blocks); 0.8.5 removed it (vLLM PR #16941).
     ``admit_only_if_prompt_fits``: newer vLLM (0.32) admits a waiting request only if its whole
     prompt fits in free KV; 0.8.5 checks only the first chunk and relies on preemption.
+    ``scan_us_per_waiting``: the scheduler's own cost per waiting request its waiting loop
+    examines. With the adapter set full the loop walks past every request of another adapter, so
+    a replica with a deep queue pays for the whole queue every step (fitted from the measured
+    ``scheduler_ms`` of each step, not from step times, where it is lost in the noise).
     """
 
     kv_preallocate_blocks: int = 0
     admit_only_if_prompt_fits: bool = False
+    scan_us_per_waiting: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kv_preallocate_blocks": self.kv_preallocate_blocks,
             "admit_only_if_prompt_fits": self.admit_only_if_prompt_fits,
+            "scan_us_per_waiting": round(float(self.scan_us_per_waiting), 6),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "scheduler") -> SchedulerQuirks:
-        unknown = sorted(set(d) - {"kv_preallocate_blocks", "admit_only_if_prompt_fits"})
+        known = {"kv_preallocate_blocks", "admit_only_if_prompt_fits", "scan_us_per_waiting"}
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ProfileError(f"{where}: unknown field(s) {unknown}")
         pre = d.get("kv_preallocate_blocks", 0)
@@ -183,7 +190,14 @@ class SchedulerQuirks:
         fits = d.get("admit_only_if_prompt_fits", False)
         if not isinstance(fits, bool):
             raise ProfileError(f"{where}.admit_only_if_prompt_fits: must be true or false")
-        return cls(kv_preallocate_blocks=pre, admit_only_if_prompt_fits=fits)
+        scan = d.get("scan_us_per_waiting", 0.0)
+        if isinstance(scan, bool) or not isinstance(scan, (int, float)) or not scan >= 0:
+            raise ProfileError(f"{where}.scan_us_per_waiting: must be a number >= 0, got {scan!r}")
+        return cls(
+            kv_preallocate_blocks=pre,
+            admit_only_if_prompt_fits=fits,
+            scan_us_per_waiting=float(scan),
+        )
 
 
 @dataclass(frozen=True)

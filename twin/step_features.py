@@ -31,7 +31,7 @@ from twin.profile import AdapterLoadTable, KVCapacityModel, Profile
 
 TRANSITION_STEPS = 15
 ROLLING_STEPS = 31
-COLUMNS = ["prefill_tokens", "decode_seqs", "ctx_tokens", "admitted", "finished"]
+COLUMNS = ["prefill_tokens", "decode_seqs", "ctx_tokens", "admitted", "finished", "scanned"]
 
 
 def replay_logged_tokens(
@@ -80,7 +80,7 @@ def replay_logged_tokens(
                 generated[r] += 1
         before = len(running)
         running = [r for r in running if generated[r] < output_len]
-        rows.append((p, d, k, admitted, before - len(running)))
+        rows.append((p, d, k, admitted, before - len(running), np.nan))
     return np.asarray(rows, dtype=float).reshape(-1, len(COLUMNS)), bad
 
 
@@ -119,7 +119,7 @@ def simulated_steps(
     tr = res.trace
     assert tr is not None
     return np.column_stack(
-        [tr.prefill_tokens, tr.decode_seqs, tr.ctx_tokens, tr.admitted, tr.finished]
+        [tr.prefill_tokens, tr.decode_seqs, tr.ctx_tokens, tr.admitted, tr.finished, tr.scanned]
     ).astype(float)
 
 
@@ -144,7 +144,9 @@ def run_step_features(run: pd.Series, steps: pd.DataFrame, loads: pd.DataFrame) 
     lora = int(run["enable_lora"]) == 1
     if has_exact_features(w):
         rows = np.column_stack(
-            [w[c].to_numpy(float) for c in EXACT_COLUMNS] + [np.zeros(len(w))] * 2
+            [w[c].to_numpy(float) for c in EXACT_COLUMNS]
+            + [np.zeros(len(w))] * 2
+            + [w["scanned"].to_numpy(float) if "scanned" in w else np.full(len(w), np.nan)]
         )
         keep = np.ones(len(w), bool)
     else:
@@ -199,6 +201,9 @@ def _finish(
     max_seqs = int(run["max_num_seqs_effective"])
     base_len = int(run.get("input_len", 0) or 0)
     f["step_ms"] = w["step_ms"].to_numpy(float)
+    f["scheduler_ms"] = (
+        w["scheduler_ms"].to_numpy(float) if "scheduler_ms" in w else np.full(len(w), np.nan)
+    )
     f["step"] = w["step"].to_numpy()
     f["lora_enabled"] = float(lora)
     f["lora_adapters"] = w["unique_adapters"].fillna(0).to_numpy(float) if lora else 0.0

@@ -1,0 +1,153 @@
+"""What one replica serves, and the interface that predicts how it will do.
+
+Placement reasons about replicas, not workloads: a ``ReplicaLoad`` is the slice of traffic a
+plan sends to one engine (per-adapter ranks and Poisson rates, one length model). A
+``ReplicaPredictor`` turns (load, engine config) into the few figures placement needs. Two
+implementations share the interface: ``TwinPredictor`` (a full twin run; exact, ~0.1-1 s) and the
+LightGBM surrogate (``twin.surrogate``; microseconds), so a policy can be run against either and
+the final plan verified by the twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from twin.config import EngineConfig
+from twin.lengths import LengthModel, WorkloadError
+from twin.profile import Profile
+from twin.workload import AdapterSpec, Workload
+
+# The figures every predictor returns for each (load, config), in this order.
+PREDICTED_METRICS: tuple[str, ...] = (
+    "total_throughput_tps",
+    "offered_total_tps",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "starved",
+)
+
+# twin.metrics key for each predicted figure.
+_TWIN_KEYS: dict[str, str] = {
+    "total_throughput_tps": "total_throughput_tps",
+    "offered_total_tps": "offered_total_tps",
+    "ttft_p50_ms": "ttft_median_ms",
+    "ttft_p99_ms": "ttft_p99_ms",
+    "itl_p50_ms": "itl_median_ms",
+    "itl_p99_ms": "itl_p99_ms",
+    "starved": "starved",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ReplicaLoad:
+    """Per-adapter ranks and rates (req/s) routed to one replica, plus their length model."""
+
+    adapter_ids: tuple[str, ...]
+    ranks: np.ndarray  # int64, one per adapter
+    rates_rps: np.ndarray  # float64, one per adapter
+    lengths: LengthModel
+
+    def __post_init__(self) -> None:
+        ids = tuple(self.adapter_ids)
+        ranks = np.asarray(self.ranks, dtype=np.int64)
+        rates = np.asarray(self.rates_rps, dtype=np.float64)
+        if ranks.shape != (len(ids),) or rates.shape != (len(ids),):
+            raise WorkloadError(
+                f"ranks/rates_rps: need one per adapter ({len(ids)}), "
+                f"got {ranks.shape} and {rates.shape}"
+            )
+        if len(ids) and ranks.min() < 1:
+            raise WorkloadError(f"ranks: must be >= 1, got {int(ranks.min())}")
+        if len(ids) and (not np.all(np.isfinite(rates)) or rates.min() < 0):
+            raise WorkloadError("rates_rps: must be finite and >= 0")
+        if len(set(ids)) != len(ids):
+            raise WorkloadError("adapter_ids: duplicate ids on one replica")
+        if not isinstance(self.lengths, LengthModel):
+            raise WorkloadError(f"lengths: must be a LengthModel, got {self.lengths!r}")
+        object.__setattr__(self, "adapter_ids", ids)
+        object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "rates_rps", rates)
+
+    @classmethod
+    def from_workload(
+        cls, workload: Workload, shares: Mapping[str, float] | None = None
+    ) -> ReplicaLoad:
+        """The replica that gets ``shares[id]`` of each listed adapter's traffic (all if None)."""
+        if shares is None:
+            shares = {a.id: 1.0 for a in workload.adapters}
+        by_id = {a.id: a for a in workload.adapters}
+        missing = [i for i in shares if i not in by_id]
+        if missing:
+            raise WorkloadError(f"shares: unknown adapter id(s) {missing[:5]}")
+        ids = tuple(shares)
+        return cls(
+            adapter_ids=ids,
+            ranks=np.array([by_id[i].rank for i in ids], dtype=np.int64),
+            rates_rps=np.array([by_id[i].rate_rps * shares[i] for i in ids], dtype=np.float64),
+            lengths=workload.lengths,
+        )
+
+    def to_workload(self, name: str = "replica", duration_s: float = 3600.0) -> Workload:
+        """The Poisson workload the twin runs to verify this replica."""
+        adapters = tuple(
+            AdapterSpec(id=i, rank=int(r), rate_rps=float(q))
+            for i, r, q in zip(self.adapter_ids, self.ranks, self.rates_rps, strict=True)
+        )
+        return Workload(name=name, adapters=adapters, lengths=self.lengths, duration_s=duration_s)
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self.adapter_ids)
+
+    @property
+    def total_rate_rps(self) -> float:
+        return float(self.rates_rps.sum())
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.ranks.max()) if len(self.ranks) else 1
+
+    def offered_tokens_per_s(self) -> float:
+        """Offered tokens/s: rate x (mean prompt + mean output)."""
+        return self.total_rate_rps * (self.lengths.mean_prompt() + self.lengths.mean_output())
+
+
+class ReplicaPredictor(Protocol):
+    """Predicts ``PREDICTED_METRICS`` for each (load, config) pair; same length in and out."""
+
+    name: str
+
+    def predict(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> list[dict[str, float]]: ...
+
+
+@dataclass(frozen=True)
+class TwinPredictor:
+    """Full twin runs: the ground truth placement verifies with (slow; use for final plans)."""
+
+    profile: Profile
+    duration_s: float = 3600.0
+    seed: int = 0
+    name: str = "twin"
+
+    def predict(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> list[dict[str, float]]:
+        if len(loads) != len(configs):
+            raise ValueError(f"loads ({len(loads)}) and configs ({len(configs)}) differ in length")
+        return [self.predict_one(load, cfg) for load, cfg in zip(loads, configs, strict=True)]
+
+    def predict_one(self, load: ReplicaLoad, config: EngineConfig) -> dict[str, float]:
+        from twin.simulate import simulate
+
+        result = simulate(
+            load.to_workload(duration_s=self.duration_s), config, self.profile, seed=self.seed
+        )
+        return {k: result.metrics[v] for k, v in _TWIN_KEYS.items()}
