@@ -16,6 +16,7 @@ from twin.calibrate import (
     fit_scan_cost,
     load_reference,
     smape,
+    unidentifiable_features,
 )
 from twin.step_features import replay_logged_tokens, simulated_steps
 
@@ -129,3 +130,13 @@ def test_scan_cost_without_skip_variation_is_reported_unidentifiable():
     assert us is None and "skipped" in report["why"]
     us, report = fit_scan_cost(pd.DataFrame({"run": ["a"], "step_ms": [1.0]}))
     assert us is None and "scheduler_ms" in report["why"]
+
+
+def test_rank_tile_cost_needs_lora_steps_at_two_tile_counts():
+    f = pd.DataFrame({
+        "prefill_tokens": [100, 0], "decode_seqs": [0, 5], "lora_enabled": [1, 1],
+        "max_loras": [1, 2], "lora_adapters": [2, 1], "max_lora_rank": [8, 16],
+    })
+    assert "lora_adapter_rank_tiles" in unidentifiable_features(f)  # ranks 8 and 16: one tile
+    f["max_lora_rank"] = [8, 32]
+    assert "lora_adapter_rank_tiles" not in unidentifiable_features(f)

@@ -35,8 +35,8 @@ def test_graph_steps_pay_for_padding_and_eager_steps_for_sequences():
 
 
 def test_lora_terms_follow_the_kernel_grid():
-    m = StepTimeModel(lora_const=2.0, lora_adapters=0.5, lora_ktokens=10.0, lora_slot_mtokens=4.0,
-                      cuda_graph_max_tokens=0)
+    m = StepTimeModel(lora_const=2.0, lora_adapters=0.5, lora_adapter_rank_tiles=0.25,
+                      lora_ktokens=10.0, lora_slot_mtokens=4.0, cuda_graph_max_tokens=0)
     kw = dict(prefill_tokens=1000, decode_seqs=0, ctx_tokens=0, lora_adapters=4)
     off = m.predict_ms(lora_enabled=False, max_lora_rank=8, max_loras=7, **kw)[0]
     r8 = m.predict_ms(lora_enabled=True, max_lora_rank=8, max_loras=7, **kw)[0]
@@ -44,8 +44,9 @@ def test_lora_terms_follow_the_kernel_grid():
     g63 = m.predict_ms(lora_enabled=True, max_lora_rank=8, max_loras=63, **kw)[0]
     assert off == 0.0
     assert r8 == pytest.approx(2.0 + 0.5 * 4 + 10.0 + 4.0 * 1000 * 8 / 1e6)
-    # token work and each adapter's blocks grow with the rank tiles: cdiv(32, 16) = 2 vs 1
-    assert r32 - r8 == pytest.approx(10.0 + 0.5 * 4)
+    # token work grows with the rank tiles (cdiv(32, 16) = 2 vs 1); each adapter adds one tile's
+    # blocks per extra tile on top of its own
+    assert r32 - r8 == pytest.approx(10.0 + 0.25 * 4)
     r16 = m.predict_ms(lora_enabled=True, max_lora_rank=16, max_loras=7, **kw)[0]
     assert r16 == pytest.approx(r8)
     assert g63 - r8 == pytest.approx(4.0 * 1000 * 56 / 1e6)  # launched blocks with max_loras

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 from scipy.optimize import nnls
 
-from twin.latency import FEATURES, StepTimeModel, design_matrix
+from twin.latency import FEATURES, StepTimeModel, design_matrix, rank_tiles
 from twin.profile import AdapterLoadTable, KVCapacityModel, Profile, SchedulerQuirks
 
 REQUIRED_FILES = (
@@ -222,6 +222,7 @@ UNIDENTIFIABLE_WHY = {
     "lora_slot_mtokens": "LoRA steps of >= 64 tokens were measured at a single max_loras, so the "
     "slot term cannot be told apart from the per-token term",
     "lora_adapters": "no LoRA step with more than one distinct adapter",
+    "lora_adapter_rank_tiles": "LoRA steps were measured at one cdiv(max_lora_rank, 16) only",
 }
 MIN_TOKENS = 64
 
@@ -236,6 +237,8 @@ def unidentifiable_features(features: pd.DataFrame) -> list[str]:
         out.append("lora_slot_mtokens")
     if not (lora & (features["lora_adapters"] > 1)).any():
         out.append("lora_adapters")
+    if len(np.unique(rank_tiles(features.loc[lora, "max_lora_rank"].to_numpy(float)))) < 2:
+        out.append("lora_adapter_rank_tiles")
     return out
 
 

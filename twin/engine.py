@@ -139,7 +139,7 @@ def run_engine(
     c_eager = sm.eager_const
     c_ctx = sm.ctx_ktokens / 1e3
     tiles = float(rank_tiles(max_rank))
-    c_lad = sm.lora_adapters * tiles if lora_on else 0.0
+    c_lad = sm.lora_adapters + sm.lora_adapter_rank_tiles * (tiles - 1) if lora_on else 0.0
     c_ltok = (
         sm.lora_ktokens * tiles / 1e3
         + sm.lora_slot_mtokens * (gpu_slots + 1) / 1e6

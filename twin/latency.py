@@ -26,8 +26,12 @@ shapes the profiling sweeps never ran. The terms follow how a vLLM step runs on 
                             cdiv(rank, 16) x (max_loras + 1), where SPLIT_K is 64 below 128
                             tokens and 8 above (the kernel's own configuration), so a small batch
                             on a replica with many slots launches *more* blocks than a large one;
-  ``lora_adapters``         per *distinct* adapter in the batch x cdiv(max_lora_rank, 16): each
-                            active adapter gets its own thread blocks, one more per 16 ranks.
+  ``lora_adapters``         per *distinct* adapter in the batch: each active adapter gets its own
+                            thread blocks;
+  ``lora_adapter_rank_tiles`` per distinct adapter x (cdiv(max_lora_rank, 16) - 1): the blocks
+                            each further 16 ranks add. Apart from ``lora_adapters`` because the
+                            adapter-loading sweep measures it directly (one adapter at slot ranks
+                            8, 16 and 32) and it is cheaper than a whole adapter's blocks.
 
 The reference sweeps vary adapters and slots only at rank 8; the rank factor cdiv(rank, 16)
 (= 1 for ranks 8 and 16, 2 for 32, 4 for 64) comes from the kernels' block size (BLOCK_N = 16),
@@ -56,6 +60,7 @@ FEATURES: tuple[str, ...] = (
     "lora_ktokens",
     "lora_prefill_ktokens",
     "lora_adapters",
+    "lora_adapter_rank_tiles",
     "lora_slot_mtokens",
     "lora_shrink_kctas",
 )
@@ -114,6 +119,7 @@ class StepTimeModel:
     lora_ktokens: float = 0.0
     lora_prefill_ktokens: float = 0.0
     lora_adapters: float = 0.0
+    lora_adapter_rank_tiles: float = 0.0
     lora_slot_mtokens: float = 0.0
     lora_shrink_kctas: float = 0.0
     cuda_graph_max_tokens: int = 512  # 0: no CUDA graphs (CPU backend): every step is "eager"
@@ -200,7 +206,8 @@ def design_matrix(
             on,
             on * t / 1e3 * rank_tiles(r),
             on * p / 1e3,
-            on * a * rank_tiles(r),
+            on * a,
+            on * a * (rank_tiles(r) - 1),
             on * t * (g + 1) / 1e6,
             on * shrink_blocks(tpad, r, g) / 1e3,
         ]
