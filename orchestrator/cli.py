@@ -375,17 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profiles", help="list the available profiles")
     pr.set_defaults(func=cmd_profiles)
 
+    from orchestrator.deploy_cli import add_parser as add_deploy_parser
     from orchestrator.live_bench import add_parser as add_bench_parser
     from orchestrator.live_profile import add_parser as add_profile_parser
+    from orchestrator.plan_cli import add_parser as add_plan_parser
+    from orchestrator.surrogate_cli import add_parser as add_surrogate_parser
     from orchestrator.tiny_model import add_parser as add_tiny_model_parser
 
     add_tiny_model_parser(sub)
     add_profile_parser(sub)
     add_bench_parser(sub)
+    add_plan_parser(sub)
+    add_surrogate_parser(sub)
+    add_deploy_parser(sub)
 
-    d = sub.add_parser("demo", help="the main job: a measured H100 hour vs the twin's replay")
+    from orchestrator.demo import add_arguments as add_demo_arguments
+
+    d = sub.add_parser("demo", help="the main job: plan, deploy on real vLLM, load it, measured "
+                       "vs predicted (--twin-only: a measured H100 hour vs the twin's replay)")
     d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_demo)
+    add_demo_arguments(d, twin_only=cmd_demo)
     return p
 
 

@@ -60,3 +60,32 @@ def make_profile(
 @pytest.fixture
 def hand_profile() -> Profile:
     return make_profile()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One private Ray head + Serve HTTP proxy shared by every integration test of the session.
+
+    Started on free ports with its own temp dir (other Ray clusters may run on this machine) and
+    stopped by PID at the end; yields ``.url`` (Serve's HTTP address) and ``.address``. Tests
+    deploy applications under their own names and delete them when done.
+    """
+    from types import SimpleNamespace
+
+    from orchestrator.deploy import LocalHead, connect, free_port
+
+    head = LocalHead.start(num_cpus=4, log_dir=tmp_path_factory.mktemp("ray-head"))
+    try:
+        import ray
+        from ray import serve
+
+        connect(head.address)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield SimpleNamespace(head=head, address=head.address, url=f"http://127.0.0.1:{port}")
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    finally:
+        head.stop()

@@ -1,0 +1,352 @@
+"""Run a plan as a service that outlives the CLI, find it again, and stop it cleanly.
+
+``deploy``: without ``--address``, start a private local Ray head as a child process
+(``ray start --head --block`` on free ports, ``RAY_AUTH_MODE=disabled``, its own temp dir, in its
+own session), connect, ``serve.run`` the application, write a state file
+(``.lorafleet/deploy.json`` in the current directory, or ``$LORAFLEET_STATE_DIR/deploy.json``)
+with the head's PID, ports, address, the Serve URL and the replicas. With ``--address`` (a
+``ray up`` cluster) it only connects and deploys.
+
+``status`` reads the state file, connects and asks every engine replica for its telemetry.
+``shutdown`` deletes the Serve application and, if deploy started the head, stops exactly that
+process tree: SIGTERM to the head's PID, wait, then SIGKILL any of its recorded descendants
+still alive - never other Ray clusters on the machine (no ``ray stop``, no names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_ENV = "LORAFLEET_STATE_DIR"
+STATE_FILE = "deploy.json"
+HEAD_START_TIMEOUT_S = 90.0
+
+
+class DeployError(RuntimeError):
+    """Deploy/status/shutdown cannot proceed; the message says what to do."""
+
+
+def state_path(state_dir: str | Path | None = None) -> Path:
+    base = Path(state_dir or os.environ.get(STATE_ENV) or Path.cwd() / ".lorafleet")
+    return base / STATE_FILE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).with_name("ray")
+    return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
+
+
+def ray_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+@dataclass
+class LocalHead:
+    """A Ray head this process started (``ray start --head --block`` child)."""
+
+    pid: int
+    address: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+    temp_dir: str
+    log_path: str
+    descendants: list[int] = field(default_factory=list)
+    remove_logs: bool = False  # the log folder was ours (no log_dir given): delete it on stop
+
+    @classmethod
+    def start(cls, *, num_cpus: float | None = None, log_dir: str | Path | None = None,
+              progress: Callable[[str], None] = lambda _m: None) -> LocalHead:
+        gcs, dash, client, nm, om, agent, agent_grpc, env_agent, metrics = _free_ports(9)
+        # short temp dir: Ray's unix socket paths must stay under 107 characters
+        temp_dir = f"/tmp/lf-ray-{gcs}"
+        remove_logs = log_dir is None
+        log_dir = Path(log_dir or temp_dir + "-log")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / "ray-head.log"
+        cmd = [
+            _ray_bin(), "start", "--head", "--block", f"--port={gcs}",
+            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        ]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus:g}")
+        progress(f"starting a private Ray head on 127.0.0.1:{gcs}")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env(),
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        head = cls(proc.pid, f"127.0.0.1:{gcs}", gcs, dash, client, temp_dir, str(log_path),
+                   remove_logs=remove_logs)
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise DeployError(f"ray start exited with code {proc.returncode}; see {log_path}")
+            if _port_open(gcs) and _head_ready(log_path):
+                head.descendants = _descendants(proc.pid)
+                return head
+            time.sleep(0.5)
+        head.stop()
+        raise DeployError(f"the Ray head did not come up in {HEAD_START_TIMEOUT_S:g} s; "
+                          f"see {log_path}")
+
+    def alive(self) -> bool:
+        return _pid_alive(self.pid)
+
+    def stop(self, timeout_s: float = 30.0) -> list[int]:
+        """Stop this head's process tree; returns PIDs that had to be SIGKILLed."""
+        known = set(self.descendants) | set(_descendants(self.pid))
+        if _pid_alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (
+                _pid_alive(self.pid) or any(_pid_alive(p) for p in known)):
+            known |= set(_descendants(self.pid))
+            time.sleep(0.3)
+        killed = []
+        for p in sorted(known | {self.pid}):
+            if _pid_alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed.append(p)
+                except ProcessLookupError:
+                    pass
+        _reap(self.pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.remove_logs and not killed:
+            shutil.rmtree(Path(self.log_path).parent, ignore_errors=True)
+        return killed
+
+
+def _head_ready(log_path: Path) -> bool:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "Ray runtime started" in text
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return []
+
+
+# ----------------------------------------------------------------------------- state file
+@dataclass
+class DeployState:
+    address: str
+    url: str
+    engine: str
+    plan_path: str
+    app_name: str
+    replicas: list[str]  # "group/copy"
+    deployments: dict[str, str]  # "group/copy" -> deployment name
+    head: dict[str, Any] | None = None  # LocalHead fields when deploy started the head
+    created_at: float = field(default_factory=time.time)
+    startup_s: float = 0.0
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: Path) -> DeployState:
+        if not path.is_file():
+            raise DeployError(f"no deployment recorded at {path}; run `lorafleet deploy` first "
+                              f"(or set ${STATE_ENV})")
+        return cls(**json.loads(path.read_text()))
+
+    def local_head(self) -> LocalHead | None:
+        return LocalHead(**self.head) if self.head else None
+
+
+# ----------------------------------------------------------------------------- operations
+def connect(address: str) -> None:
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep the CLI's output readable
+    if ray.is_initialized():
+        return
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+             namespace="serve", runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+
+
+def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path | None = None,
+           num_cpus: float | None = None, progress: Callable[[str], None] = lambda _m: None
+           ) -> DeployState:
+    """Start (or connect to) Ray, run the Serve app, record it; returns the state written."""
+    from ray import serve
+
+    from orchestrator.serve_app import APP_NAME, build_application, run_application
+
+    path = state_path(state_dir)
+    if path.is_file():
+        old = DeployState.read(path)
+        head = old.local_head()
+        if head is None or head.alive():
+            raise DeployError(f"a deployment is already recorded at {path} ({old.url}); run "
+                              "`lorafleet shutdown` first")
+    t0 = time.perf_counter()
+    app = build_application(spec)  # validates everything before Ray starts
+    head = None
+    if address is None:
+        head = LocalHead.start(num_cpus=num_cpus, log_dir=path.parent, progress=progress)
+        address = head.address
+    try:
+        connect(address)
+        serve.start(http_options={"host": "127.0.0.1" if head else "0.0.0.0", "port": port})
+        progress(f"deploying {len(spec.replica_specs())} {spec.engine} replica(s) "
+                 f"+ ingress on Ray Serve")
+        del app
+        run_application(spec)
+        replicas = spec.replica_specs()
+        state = DeployState(
+            address=address, url=f"http://127.0.0.1:{port}", engine=spec.engine,
+            plan_path=spec.plan_path, app_name=APP_NAME,
+            replicas=[str(r.replica_id) for r in replicas],
+            deployments={str(r.replica_id): r.replica_id.deployment for r in replicas},
+            head=asdict(head) if head else None, startup_s=time.perf_counter() - t0,
+        )
+        if head:
+            head.descendants = _descendants(head.pid)
+            state.head = asdict(head)
+        state.write(path)
+        return state
+    except BaseException:
+        if head is not None:
+            _disconnect()
+            head.stop()
+        raise
+
+
+def deployment_messages(app_name: str) -> str:
+    """Serve's status message of every unhealthy deployment (the replica's traceback)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[app_name]
+    except Exception:
+        return ""
+    return "\n".join(f"{name}: {d.status}: {d.message[-1500:]}"
+                     for name, d in app.deployments.items() if str(d.status).endswith("HEALTHY")
+                     is False)
+
+
+def _disconnect() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def collect_reports(state: DeployState, window_s: float | None = None) -> dict[str, Any]:
+    """Every engine replica's telemetry report (see ReplicaCore.report)."""
+    from ray import serve
+
+    connect(state.address)
+    out: dict[str, Any] = {}
+    responses = {}
+    for rid, dep in state.deployments.items():
+        h = serve.get_deployment_handle(dep, app_name=state.app_name)
+        responses[rid] = h.report.remote(window_s)
+    for rid, resp in responses.items():
+        try:
+            out[rid] = resp.result(timeout_s=30)
+        except Exception as exc:
+            out[rid] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def shutdown(state_dir: str | Path | None = None,
+             progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Delete the Serve app, stop the head deploy started, remove the state file."""
+    path = state_path(state_dir)
+    state = DeployState.read(path)
+    head = state.local_head()
+    result: dict[str, Any] = {"address": state.address, "head_pid": head.pid if head else None}
+    if head is None or head.alive():
+        try:
+            from ray import serve
+
+            connect(state.address)
+            progress(f"deleting Serve application {state.app_name!r}")
+            serve.delete(state.app_name)
+            if head is not None:
+                serve.shutdown()
+        except Exception as exc:  # the cluster may already be gone
+            result["serve_error"] = f"{type(exc).__name__}: {exc}"
+        _disconnect()
+    if head is not None:
+        progress(f"stopping the Ray head (pid {head.pid})")
+        killed = head.stop()
+        result["killed"] = killed
+        leftovers = [p for p in head.descendants if _pid_alive(p)]
+        result["leftover_pids"] = leftovers
+    path.unlink(missing_ok=True)
+    return result

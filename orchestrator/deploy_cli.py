@@ -1,0 +1,193 @@
+"""`lorafleet deploy | status | shutdown`: the serving path's command line (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def add_parser(subparsers: Any) -> None:
+    d = subparsers.add_parser(
+        "deploy", help="serve a plan on Ray Serve: OpenAI-compatible ingress + engine replicas",
+        description="Deploy PLAN (from `lorafleet plan`) on Ray Serve: one engine deployment "
+        "per replica copy (vLLM or the real-time sim) and an OpenAI-compatible ingress routing "
+        "by adapter id. Without --address a private local Ray head is started and kept running "
+        "after this command exits; `lorafleet shutdown` stops it.",
+    )
+    d.add_argument("plan", help="plan YAML (docs/plan_format.md)")
+    d.add_argument("--engine", choices=("vllm", "sim"), default="vllm")
+    d.add_argument("--model", default=None,
+                   help="tiny-model directory (adapters.yaml inside) or base model path")
+    d.add_argument("--adapter-registry", default=None,
+                   help="adapter registry YAML (default: MODEL/adapters.yaml)")
+    d.add_argument("--adapter-root", action="append", default=None,
+                   help="allowed folder for local adapter paths (repeatable; default: the "
+                   "registry's folder)")
+    d.add_argument("--api-keys", default=None, help="API keys YAML (orchestrator/api_keys.py)")
+    d.add_argument("--port", type=int, default=8000, help="HTTP port of the ingress")
+    d.add_argument("--address", default=None,
+                   help="Ray cluster address (`ray up` head); default: start a local head")
+    d.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray head")
+    d.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs reserved per engine replica (default 0.5 vllm, 0.05 sim)")
+    d.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="GPUs per engine replica (1 on GPU clusters)")
+    d.add_argument("--max-model-len", type=int, default=None)
+    d.add_argument("--state-dir", default=None,
+                   help="where deploy.json is kept (default .lorafleet or $LORAFLEET_STATE_DIR)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_deploy)
+
+    s = subparsers.add_parser("status", help="replicas, adapters held, live vs predicted")
+    s.add_argument("--window", type=float, default=60.0, help="telemetry window (s)")
+    s.add_argument("--state-dir", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    x = subparsers.add_parser("shutdown", help="stop the deployment (and the head deploy started)")
+    x.add_argument("--state-dir", default=None)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_shutdown)
+
+
+def builder_args(args: argparse.Namespace) -> dict[str, Any]:
+    from orchestrator.api_keys import ApiKeys
+
+    out: dict[str, Any] = {"plan_path": args.plan, "engine": args.engine}
+    if args.model:
+        out["model"] = args.model
+    if args.adapter_registry:
+        out["adapter_registry"] = args.adapter_registry
+    if args.adapter_root:
+        out["adapter_roots"] = list(args.adapter_root)
+    if args.api_keys:
+        out["api_keys"] = ApiKeys.from_yaml(args.api_keys).to_dict()
+    if args.replica_cpus is not None:
+        out["replica_cpus"] = args.replica_cpus
+    if args.replica_gpus:
+        out["replica_gpus"] = args.replica_gpus
+    if args.max_model_len:
+        out["max_model_len"] = args.max_model_len
+    return out
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from orchestrator.deploy import deploy
+    from orchestrator.serving_spec import ServingSpec
+
+    console, err = Console(), Console(stderr=True)
+    spec = ServingSpec.from_args(builder_args(args))
+    t0 = time.perf_counter()
+    with err.status("deploying...") as status:
+        state = deploy(spec, address=args.address, port=args.port, state_dir=args.state_dir,
+                       num_cpus=args.num_cpus, progress=lambda m: status.update(m))
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"url": state.url, "address": state.address, "engine": state.engine,
+                          "replicas": state.replicas, "ready_s": elapsed}))
+        return 0
+    console.print(Text(
+        f"deployed {spec.plan.workload.name}: {len(state.replicas)} {state.engine} replica(s) "
+        f"({', '.join(state.replicas)}) in {elapsed:.1f} s\n"
+        f"  OpenAI API  {state.url}/v1  (model = adapter id or {spec.base_model_name!r})\n"
+        f"  Ray         {state.address}\n"
+        "  next        lorafleet status | lorafleet shutdown"), soft_wrap=True)
+    return 0
+
+
+def _f(v: Any, fmt: str = "{:,.1f}") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return fmt.format(v)
+
+
+def status_rows(reports: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per replica: measured beside the plan's prediction (for tables and JSON)."""
+    rows = []
+    for rid, r in sorted(reports.items()):
+        if "error" in r:
+            rows.append({"replica": rid, "error": r["error"]})
+            continue
+        p = r.get("predicted") or {}
+        rows.append({
+            "replica": rid, "engine": r["engine"], "adapters": len(r["adapters"]),
+            "running": r["running"], "waiting": r["waiting"],
+            "request_rate_rps": r["request_rate_rps"],
+            "throughput_tps": r["total_throughput_tps"],
+            "predicted_throughput_tps": p.get("total_throughput_tps"),
+            "ttft_p50_ms": r["ttft_p50_ms"], "predicted_ttft_p50_ms": p.get("ttft_p50_ms"),
+            "itl_mean_ms": r["itl_mean_ms"], "predicted_itl_p50_ms": p.get("itl_p50_ms"),
+            "errors": r["total_errors"], "requests": r["total_requests"],
+        })
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.deploy import DeployState, collect_reports, state_path
+    from placement.plan import Plan
+
+    state = DeployState.read(state_path(args.state_dir))
+    reports = collect_reports(state, args.window)
+    plan = Plan.from_yaml(state.plan_path)
+    planned = {(a.id, g.name): a.rate_rps for g in plan.groups for a in g.adapters}
+    if args.json:
+        print(json.dumps({"url": state.url, "engine": state.engine, "replicas": reports,
+                          "rows": status_rows(reports)}, default=str))
+        return 0
+    console = Console()
+    t = Table(title=f"lorafleet {state.url} ({state.engine}) - measured vs plan's prediction, "
+              f"last {args.window:g} s", header_style="bold")
+    for c in ("replica", "adapters", "run/wait", "req/s", "tok/s", "pred tok/s",
+              "TTFT p50 ms", "pred", "ITL ms", "pred", "errors"):
+        t.add_column(c, justify="left" if c == "replica" else "right")
+    for row in status_rows(reports):
+        if "error" in row:
+            t.add_row(row["replica"], f"[red]{row['error'][:60]}[/]")
+            continue
+        t.add_row(row["replica"], str(row["adapters"]), f"{row['running']}/{row['waiting']}",
+                  _f(row["request_rate_rps"], "{:.2f}"), _f(row["throughput_tps"]),
+                  _f(row["predicted_throughput_tps"]), _f(row["ttft_p50_ms"]),
+                  _f(row["predicted_ttft_p50_ms"]), _f(row["itl_mean_ms"], "{:.2f}"),
+                  _f(row["predicted_itl_p50_ms"], "{:.2f}"), str(row["errors"]))
+    console.print(t)
+    a = Table(title="per adapter: live arrival rate vs plan (req/s per replica)",
+              header_style="bold")
+    for c in ("adapter", "replica", "live req/s", "plan req/s", "TTFT p50 ms"):
+        a.add_column(c, justify="left" if c in ("adapter", "replica") else "right")
+    shown = 0
+    for rid, r in sorted(reports.items()):
+        live = r.get("adapters_live", {}) if "error" not in r else {}
+        for aid, m in sorted(live.items()):
+            if shown >= 40:
+                break
+            a.add_row(aid, rid, _f(m["rate_rps"], "{:.3f}"),
+                      _f(planned.get((aid, rid.split("/")[0])), "{:.3f}"),
+                      _f(m["ttft_p50_ms"]))
+            shown += 1
+    if shown:
+        console.print(a)
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    from orchestrator.deploy import shutdown
+
+    err = Console(stderr=True)
+    with err.status("shutting down...") as status:
+        result = shutdown(args.state_dir, progress=lambda m: status.update(m))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    left = result.get("leftover_pids") or []
+    Console().print(Text(
+        f"shut down {result['address']}"
+        + (f"; head pid {result['head_pid']} stopped" if result.get("head_pid") else "")
+        + (f"; WARNING leftover pids {left}" if left else "; no processes left")))
+    return 0 if not left else 1

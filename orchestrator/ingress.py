@@ -1,0 +1,378 @@
+"""The OpenAI-compatible HTTP API: routes each request by its ``model`` field to a replica.
+
+``IngressCore`` holds the routing table (orchestrator/routing.py), one ``ReplicaClient`` per
+replica (a Ray Serve handle in production, a local ``ReplicaCore`` in unit tests), the API keys,
+its in-flight counts (the load least-loaded routing reads) and Prometheus metrics.
+``build_api(core)`` returns the FastAPI app; the Serve ingress deployment
+(orchestrator/serve_app.py) builds it per replica, so the app holds no module-level state.
+
+Every response carries ``x-lorafleet-replica`` (``group/copy`` that served it, ``none`` when no
+replica was involved) and ``x-lorafleet-engine`` (``vllm`` or ``sim``). Errors use OpenAI's
+``{"error": {message, type, param, code}}`` body: 400 malformed or too long, 401/403 keys, 404
+unknown model (naming it), 503 replica dead or timed out (the request is retried once on another
+copy of the group if it failed before producing output), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from orchestrator.api_keys import ApiKeys, Tenant
+from orchestrator.engine_backend import (
+    EngineUnavailable,
+    GenerateRequest,
+    ServingError,
+)
+from orchestrator.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chunk_body,
+    completion_body,
+    error_body,
+    usage,
+)
+from orchestrator.routing import ReplicaId, RoutingTable
+
+REPLICA_HEADER = "x-lorafleet-replica"
+ENGINE_HEADER = "x-lorafleet-engine"
+DEFAULT_TIMEOUT_S = 300.0  # a whole non-streamed request / the gap between streamed tokens
+
+
+class ReplicaClient(Protocol):
+    """How the ingress talks to one replica (a Serve handle or an in-process ReplicaCore)."""
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]: ...
+
+    def complete(self, request: GenerateRequest) -> Awaitable[dict[str, Any]]: ...
+
+    def report(self) -> Awaitable[dict[str, Any]]: ...
+
+
+class IngressCore:
+    """Routing + dispatch + accounting, independent of HTTP and of Ray."""
+
+    def __init__(
+        self, table: RoutingTable, clients: Mapping[ReplicaId, ReplicaClient], *,
+        engine: str, api_keys: ApiKeys | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        missing = [str(r) for r in table.replicas if r not in clients]
+        if missing:
+            raise ValueError(f"no client for replica(s) {missing}")
+        self.table = table
+        self.clients = dict(clients)
+        self.engine = engine
+        self.keys = api_keys or ApiKeys({})
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.in_flight: dict[ReplicaId, int] = dict.fromkeys(self.clients, 0)
+        reg = self.registry = CollectorRegistry()
+        self.m_requests = Counter("lorafleet_requests", "requests by model, replica and status",
+                                  ["model", "replica", "status"], registry=reg)
+        self.m_tokens = Counter("lorafleet_tokens", "tokens by model and kind",
+                                ["model", "kind"], registry=reg)
+        self.m_latency = Histogram("lorafleet_request_latency_seconds",
+                                   "ingress-observed request latency", ["replica"], registry=reg)
+        self.m_ttft = Histogram("lorafleet_ttft_seconds", "time to first streamed token",
+                                ["replica"], registry=reg)
+        self.m_in_flight = Gauge("lorafleet_in_flight", "requests in flight", ["replica"],
+                                 registry=reg)
+
+    # -- routing --------------------------------------------------------------------------
+    def authorize(self, authorization: str | None, model: str) -> Tenant | None:
+        tenant = self.keys.tenant(authorization)
+        if not self.table.knows(model):
+            self.table.groups_of(model)  # raises the 404 naming the model
+        self.keys.check(tenant, model, is_base=model == self.table.base_model)
+        return tenant
+
+    def _pick(self, model: str, exclude: set[ReplicaId]) -> ReplicaId | None:
+        if not exclude:
+            return self.table.route(model, self.in_flight.__getitem__)
+        groups = (set(self.table.groups_of(model)) if model != self.table.base_model
+                  else {r.group for r in self.table.replicas})
+        alive = [r for r in self.table.replicas if r.group in groups and r not in exclude]
+        return min(alive, key=self.in_flight.__getitem__) if alive else None
+
+    def _acquire(self, rid: ReplicaId) -> None:
+        self.in_flight[rid] += 1
+        self.m_in_flight.labels(str(rid)).set(self.in_flight[rid])
+
+    def _release(self, rid: ReplicaId) -> None:
+        self.in_flight[rid] -= 1
+        self.m_in_flight.labels(str(rid)).set(self.in_flight[rid])
+
+    def adapter_of(self, model: str) -> str | None:
+        return None if model == self.table.base_model else model
+
+    # -- dispatch -------------------------------------------------------------------------
+    async def complete(self, model: str, req: GenerateRequest) -> tuple[ReplicaId, dict]:
+        """Non-streamed: returns (replica, result); raises ServingError."""
+        tried: set[ReplicaId] = set()
+        while True:
+            rid = self._pick(model, tried)
+            if rid is None:
+                raise EngineUnavailable(f"every replica serving {model!r} failed: {tried}")
+            tried.add(rid)
+            self._acquire(rid)
+            t0 = self.clock()
+            try:
+                result = await asyncio.wait_for(self.clients[rid].complete(req), self.timeout_s)
+            except TimeoutError:
+                self._count(model, rid, 503)
+                raise EngineUnavailable(
+                    f"replica {rid} did not answer within {self.timeout_s:g} s") from None
+            except Exception as exc:  # replica died / unreachable: retry another copy once
+                self._count(model, rid, 503)
+                if len(tried) >= 2:
+                    raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
+                                            f"{str(exc)[:300]}") from None
+                continue
+            finally:
+                self._release(rid)
+            if "error" in result:
+                err = ServingError.from_dict(result["error"])
+                self._count(model, rid, err.status)
+                err.replica = rid  # type: ignore[attr-defined]
+                raise err
+            self.m_latency.labels(str(rid)).observe(self.clock() - t0)
+            self._count(model, rid, 200)
+            self.m_tokens.labels(model, "prompt").inc(result.get("prompt_tokens", 0))
+            self.m_tokens.labels(model, "completion").inc(result.get("completion_tokens", 0))
+            return rid, result
+
+    async def open_stream(self, model: str, req: GenerateRequest
+                          ) -> tuple[ReplicaId, dict, AsyncIterator[dict]]:
+        """Start a stream and wait for the replica to accept it (its first item), so that
+        refusals become proper HTTP statuses; returns (replica, first item, the rest)."""
+        tried: set[ReplicaId] = set()
+        while True:
+            rid = self._pick(model, tried)
+            if rid is None:
+                raise EngineUnavailable(f"every replica serving {model!r} failed")
+            tried.add(rid)
+            self._acquire(rid)
+            it = self.clients[rid].stream(req).__aiter__()
+            try:
+                first = await asyncio.wait_for(it.__anext__(), self.timeout_s)
+            except (TimeoutError, StopAsyncIteration):
+                self._release(rid)
+                await _close(it)
+                self._count(model, rid, 503)
+                raise EngineUnavailable(f"replica {rid} did not start the stream") from None
+            except Exception as exc:
+                self._release(rid)
+                await _close(it)
+                self._count(model, rid, 503)
+                if len(tried) >= 2:
+                    raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
+                                            f"{str(exc)[:300]}") from None
+                continue
+            if "error" in first:
+                self._release(rid)
+                await _close(it)
+                err = ServingError.from_dict(first["error"])
+                self._count(model, rid, err.status)
+                err.replica = rid  # type: ignore[attr-defined]
+                raise err
+            return rid, first, it
+
+    def _count(self, model: str, rid: ReplicaId | None, status: int) -> None:
+        self.m_requests.labels(model, str(rid) if rid else "none", str(status)).inc()
+
+    async def reports(self) -> dict[str, Any]:
+        """Every replica's telemetry report (errors reported, not raised)."""
+        async def one(rid: ReplicaId) -> tuple[str, Any]:
+            try:
+                return str(rid), await asyncio.wait_for(self.clients[rid].report(), 30)
+            except Exception as exc:
+                return str(rid), {"error": f"{type(exc).__name__}: {exc}"}
+
+        return dict(await asyncio.gather(*(one(r) for r in self.clients)))
+
+
+async def _close(it: Any) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+# ----------------------------------------------------------------------------- HTTP
+class _DefaultHeaders:
+    """ASGI middleware: add the lorafleet headers to responses that lack them (errors before
+    routing, /health, ...). Pure ASGI, so streaming responses pass through untouched."""
+
+    def __init__(self, app: Any, engine: str) -> None:
+        self.app = app
+        self.defaults = [(REPLICA_HEADER.encode(), b"none"), (ENGINE_HEADER.encode(),
+                                                             engine.encode())]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.defaults if k not in names]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _headers(rid: ReplicaId | None, engine: str) -> dict[str, str]:
+    return {REPLICA_HEADER: str(rid) if rid else "none", ENGINE_HEADER: engine}
+
+
+def _error_response(err: ServingError, engine: str) -> JSONResponse:
+    rid = getattr(err, "replica", None)
+    return JSONResponse(error_body(err.status, err.type, err.message, err.param),
+                        status_code=err.status, headers=_headers(rid, engine))
+
+
+def build_api(core: IngressCore) -> FastAPI:
+    """The FastAPI app over ``core`` (module docstring)."""
+    app = FastAPI(title="lorafleet", version="1", description=(
+        "OpenAI-compatible serving of many LoRA adapters; `model` is the adapter id or the base "
+        f"model name ({core.table.base_model!r})."))
+    engine = core.engine
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        where = ".".join(str(p) for p in errs[0].get("loc", ())[1:]) if errs else ""
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: "
+                        f"{e.get('msg')}" for e in errs[:5])
+        return JSONResponse(error_body(400, "invalid_request_error", f"malformed request: {msg}",
+                                       where or None), status_code=400)
+
+    @app.exception_handler(ServingError)
+    async def _serving(_: Request, exc: ServingError) -> JSONResponse:
+        return _error_response(exc, engine)
+
+    async def run(request: Request, body: CompletionRequest | ChatCompletionRequest,
+                  chat: bool) -> Response:
+        model = body.model
+        core.authorize(request.headers.get("authorization"), model)
+        rid_text = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        req = body.to_generate(rid_text, core.adapter_of(model))
+        if not body.stream:
+            rid, result = await core.complete(model, req)
+            return JSONResponse(completion_body(rid_text, model, result, chat),
+                                headers=_headers(rid, result.get("engine", engine)))
+        t0 = core.clock()
+        rid, first, it = await core.open_stream(model, req)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(core, model, rid, first, it, rid_text, chat, include_usage, t0),
+            media_type="text/event-stream",
+            headers=_headers(rid, first.get("engine", engine)),
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await run(request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        return await run(request, body, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        tenant = core.keys.tenant(request.headers.get("authorization"))
+        base = core.table.base_model
+        now = int(time.time())
+        data = []
+        if tenant is None or tenant.base_model:
+            data.append({"id": base, "object": "model", "created": now, "owned_by": "lorafleet",
+                         "root": base, "parent": None})
+        for a in core.keys.visible(tenant, core.table.adapters):
+            data.append({"id": a, "object": "model", "created": now, "owned_by": "lorafleet",
+                         "root": a, "parent": base,
+                         "lorafleet_groups": list(core.table.groups_of(a))})
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "engine": engine,
+                             "replicas": [str(r) for r in core.table.replicas],
+                             "in_flight": sum(core.in_flight.values())})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_DefaultHeaders, engine=engine)
+    return app
+
+
+async def _sse(core: IngressCore, model: str, rid: ReplicaId, first: dict,
+               it: AsyncIterator[dict], request_id: str, chat: bool, include_usage: bool,
+               t0: float) -> AsyncIterator[str]:
+    """OpenAI server-sent events: chunks, optional usage chunk, ``[DONE]``."""
+    created = int(time.time())
+    n_out, status, got_first = 0, 200, False
+    try:
+        if chat:
+            yield _event(chunk_body(request_id, model, created, True, "", None, role=True))
+        while True:
+            try:
+                item = await asyncio.wait_for(it.__anext__(), core.timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                status = 503
+                yield _event(error_body(503, "engine_unavailable",
+                                        f"replica {rid} stalled for {core.timeout_s:g} s"))
+                break
+            except Exception as exc:
+                status = 503
+                yield _event(error_body(503, "engine_unavailable",
+                                        f"replica {rid} failed mid-stream: {exc}"))
+                break
+            if "error" in item:
+                status = int(item["error"].get("status", 500))
+                e = item["error"]
+                yield _event(error_body(status, e.get("type", ""), e.get("message", "")))
+                break
+            if item["n"] and not got_first:
+                got_first = True
+                core.m_ttft.labels(str(rid)).observe(core.clock() - t0)
+            n_out += item["n"]
+            yield _event(chunk_body(request_id, model, created, chat, item["text"],
+                                    item["finish_reason"]))
+            if item["finish_reason"] is not None:
+                break
+        if include_usage:
+            body = chunk_body(request_id, model, created, chat, None, None)
+            body["choices"] = []
+            body["usage"] = usage(int(first.get("prompt_tokens", 0)), n_out)
+            yield _event(body)
+        yield "data: [DONE]\n\n"
+    finally:
+        core._release(rid)
+        await _close(it)
+        core._count(model, rid, status)
+        core.m_latency.labels(str(rid)).observe(core.clock() - t0)
+        core.m_tokens.labels(model, "prompt").inc(int(first.get("prompt_tokens", 0)))
+        core.m_tokens.labels(model, "completion").inc(n_out)
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,185 @@
+"""One serving replica: an engine backend + telemetry + the wire format the ingress reads.
+
+``ReplicaSpec`` is everything a replica needs (its group and copy, engine kind and config,
+adapters with their sources, model path, profile); it is validated when built, in the deploying
+process, so a bad plan fails before any Ray actor starts. ``ReplicaCore`` is plain asyncio: the
+Ray Serve deployment (orchestrator/serve_app.py) only forwards to it, and unit tests drive it
+directly. Results cross the process boundary as small dicts: ``{"error": {...}}`` for a refused
+request (status, type, message), so an error never depends on exception pickling across Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.adapter_registry import AdapterEntry
+from orchestrator.engine_backend import (
+    ENGINE_KINDS,
+    EngineBackend,
+    EngineUnavailable,
+    GenerateRequest,
+    ServingError,
+)
+from orchestrator.routing import ReplicaId
+from orchestrator.telemetry import RequestRecord, Telemetry
+from twin.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One copy of a replica group, ready to start (see module docstring)."""
+
+    group: str
+    copy: int
+    engine_kind: str
+    engine: EngineConfig
+    adapters: tuple[AdapterEntry, ...]
+    model: str  # base model path/URI (vllm) or a label (sim)
+    model_name: str = "base"  # what clients call the base model
+    profile: str = "tiny-llama-cpu"  # step-time model of the sim backend
+    max_model_len: int | None = None
+    predicted: Mapping[str, Any] = field(default_factory=dict)
+    kv_cache_gib: float = 1.0  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
+    omp_threads: int = 1  # CPU vLLM: torch threads per replica
+    sim_time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.engine_kind not in ENGINE_KINDS:
+            raise ValueError(f"engine: must be one of {list(ENGINE_KINDS)}, "
+                             f"got {self.engine_kind!r}")
+        if self.copy < 0:
+            raise ValueError(f"copy: must be >= 0, got {self.copy}")
+        too_big = [a.id for a in self.adapters if a.rank > self.engine.max_lora_rank]
+        if too_big:
+            raise ValueError(f"group {self.group}: adapters {too_big[:5]} exceed max_lora_rank "
+                             f"{self.engine.max_lora_rank}")
+
+    @property
+    def replica_id(self) -> ReplicaId:
+        return ReplicaId(self.group, self.copy)
+
+
+def make_backend(spec: ReplicaSpec) -> EngineBackend:
+    """The backend the spec asks for; vLLM is imported only when it is used."""
+    if spec.engine_kind == "sim":
+        from orchestrator.sim_engine import SimEngine
+        from twin.profile import load_profile
+
+        return SimEngine(spec.engine, load_profile(spec.profile),
+                         {a.id: a.rank for a in spec.adapters},
+                         max_model_len=spec.max_model_len or 0, time_scale=spec.sim_time_scale)
+    from orchestrator.vllm_engine import VLLMEngine
+
+    return VLLMEngine(spec)
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ServingError):
+        return {"error": exc.to_dict()}
+    return {"error": {"status": 500, "type": "server_error", "param": None,
+                      "message": f"engine error: {type(exc).__name__}: {exc}"}}
+
+
+class ReplicaCore:
+    """Backend + telemetry; ``stream``/``complete`` never raise for a refused request."""
+
+    def __init__(self, spec: ReplicaSpec, backend: EngineBackend | None = None) -> None:
+        self.spec = spec
+        self.backend = backend or make_backend(spec)
+        self.telemetry = Telemetry()
+        self.info: dict[str, Any] = {}
+        self.name = str(spec.replica_id)
+
+    async def start(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        info = await self.backend.start()
+        self.info = {"replica": self.name, "engine": info.kind, "model": info.model,
+                     "max_model_len": info.max_model_len, "adapters": list(info.adapters),
+                     "ready_s": time.perf_counter() - t0, **dict(info.facts)}
+        return self.info
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """Dicts: first ``{"replica", "engine", "prompt_tokens"}``, then ``{"text", "n"}``
+        pieces, the last with ``finish_reason``; or a single ``{"error": ...}``."""
+        adapter = request.adapter or ""
+        arrival = self.telemetry.arrived(adapter)
+        first = finish = math.nan
+        n_prompt = n_out = 0
+        ok = False
+        try:
+            async for d in self.backend.generate(request):
+                if d.n_tokens == 0 and d.finish_reason is None:
+                    n_prompt = d.prompt_tokens
+                    yield {"replica": self.name, "engine": self.backend.kind,
+                           "prompt_tokens": n_prompt}
+                    continue
+                if d.n_tokens and math.isnan(first):
+                    first = self.telemetry.clock()
+                n_out += d.n_tokens
+                if d.finish_reason is not None:
+                    finish = self.telemetry.clock()
+                    ok = d.finish_reason != "abort"
+                yield {"text": d.text, "n": d.n_tokens, "finish_reason": d.finish_reason}
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            yield _error(exc)
+        finally:
+            self.telemetry.finished(RequestRecord(adapter, arrival, first, finish, n_prompt,
+                                                  n_out, ok))
+
+    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
+        """The whole completion: ``{"replica", "engine", "text", "prompt_tokens",
+        "completion_tokens", "finish_reason"}`` or ``{"error": ...}``."""
+        out: dict[str, Any] = {"text": "", "completion_tokens": 0, "finish_reason": None}
+        parts: list[str] = []
+        async for item in self.stream(request):
+            if "error" in item:
+                return item
+            if "replica" in item:
+                out.update(item)
+                continue
+            parts.append(item["text"])
+            out["completion_tokens"] += item["n"]
+            if item["finish_reason"] is not None:
+                out["finish_reason"] = item["finish_reason"]
+        out["text"] = "".join(parts)
+        if out["finish_reason"] == "abort":
+            return _error(EngineUnavailable("the engine aborted the request (shutting down?)"))
+        return out
+
+    def report(self, window_s: float | None = None) -> dict[str, Any]:
+        """Telemetry snapshot + what the replica holds + its queue + the plan's prediction."""
+        running, waiting = self.backend.queue_depth()
+        snap = self.telemetry.snapshot(window_s)
+        snap["adapters_live"] = snap.pop("adapters")
+        return {
+            "replica": self.name, "group": self.spec.group, "copy": self.spec.copy,
+            "engine": self.backend.kind, "adapters": list(self.backend.loaded_adapters()),
+            "running": running, "waiting": waiting, "predicted": dict(self.spec.predicted),
+            "info": self.info, **snap,
+        }
+
+
+class LocalClient:
+    """``ReplicaClient`` over an in-process ReplicaCore (unit tests, the router benchmark)."""
+
+    def __init__(self, core: ReplicaCore) -> None:
+        self.core = core
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        return self.core.stream(request)
+
+    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
+        return await self.core.complete(request)
+
+    async def report(self) -> dict[str, Any]:
+        return self.core.report()

@@ -1,0 +1,138 @@
+"""`lorafleet surrogate train|eval`: parse, call twin.surrogate, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS = REPO_ROOT / "data/reference/vllm-0.8.5-h100/validation_runs.csv"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `surrogate train --profile NAME ...` and `surrogate eval --profile NAME ...`."""
+    p = subparsers.add_parser(
+        "surrogate",
+        help="LightGBM surrogate of one replica (microsecond predictions for placement)",
+        description="Train the surrogate on many twin runs over a designed space, or report "
+        "its accuracy on held-out twin runs and on measured runs, and its speed.",
+    )
+    sub = p.add_subparsers(dest="surrogate_command", required=True, metavar="ACTION")
+
+    t = sub.add_parser("train", help="run the twin over the designed space and fit the models")
+    t.add_argument("--profile", required=True, help="profile name or YAML path")
+    t.add_argument("--samples", type=int, default=2000, help="twin runs (default 2000)")
+    t.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the design and the split")
+    t.add_argument("--out", default=None,
+                   help="output directory (default: profiles/NAME.surrogate next to the profile)")
+    t.add_argument("--data", default=None,
+                   help="reuse the twin runs of an earlier training (its samples.csv.gz)")
+    t.add_argument("--window", type=float, default=3600.0,
+                   help="simulated seconds per twin run (default 3600, as validation)")
+    t.add_argument("--json", action="store_true", help="print the written meta as JSON")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy on held-out twin runs and real runs, and speed")
+    e.add_argument("--profile", required=True, help="profile name or YAML path")
+    e.add_argument("--runs", default=str(DEFAULT_RUNS),
+                   help="measured runs table (default: the repo's H100 validation_runs.csv); "
+                   "`none` to skip")
+    e.add_argument("--dir", default=None, help="surrogate directory (default: next to profile)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the real runs' rate assignment")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+
+def _fail(exc: Exception) -> int:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from twin.surrogate import SurrogateError, train_surrogate
+
+    if args.workers < 1 or args.samples < 10:
+        return _fail(ValueError("--workers must be >= 1 and --samples >= 10"))
+    try:
+        meta = train_surrogate(
+            args.profile, samples=args.samples, workers=args.workers, seed=args.seed,
+            out=args.out, data=args.data, duration_s=args.window, progress=not args.json,
+        )
+    except SurrogateError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    console = Console()
+    console.print(f"wrote [bold]{meta['directory']}[/] ({meta['n_samples']} twin runs, "
+                  f"{meta['n_held_out']} held out; throughput as {meta['throughput_target']}, "
+                  f"starvation by {meta['starvation']})")
+    console.print(_held_out_table(meta["held_out"]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from twin.surrogate import SurrogateError, evaluate_surrogate
+
+    runs = None if str(args.runs).lower() == "none" else args.runs
+    try:
+        report = evaluate_surrogate(args.profile, runs, directory=args.dir, seed=args.seed)
+    except SurrogateError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    console = Console()
+    console.print(_held_out_table(report["held_out"]))
+    if "real_runs" in report:
+        console.print(_real_runs_table(report["real_runs"]))
+    console.print(
+        f"speed: one predict {report['predict_us_single']:.1f} µs; a batch of 1,000 "
+        f"{report['predict_ms_batch_1000']:.2f} ms (predict_arrays), "
+        f"{report['predict_ms_batch_1000_with_features']:.2f} ms with features; "
+        f"{report['n_trees']} trees"
+    )
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} %"
+
+
+def _held_out_table(held: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="held-out twin runs (standard SMAPE)", header_style="bold")
+    for col in ("metric", "all runs", "n", "not starved", "n"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric, s in held.items():
+        if isinstance(s, dict):
+            table.add_row(metric, _pct(s["smape"]), str(s["n"]), _pct(s["smape_not_starved"]),
+                          str(s["n_not_starved"]))
+    table.add_row("starvation macro-F1", f"{held['starvation_macro_f1']:.4f}", "", "", "")
+    return table
+
+
+def _real_runs_table(real: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"measured runs ({real['n_runs']}; the surrogate predicts an uncapped "
+                  "replica)", header_style="bold")
+    for col in ("metric", "SMAPE / score", "n"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric, s in real.items():
+        if isinstance(s, dict):
+            table.add_row(metric, _pct(s["smape"]), str(s["n"]))
+    for key in ("starvation_macro_f1", "starvation_accuracy"):
+        if real.get(key) is not None:
+            table.add_row(key.replace("_", " "), f"{real[key]:.4f}", str(real["n_runs"]))
+    return table

@@ -1,0 +1,260 @@
+"""A lower bound on the replicas a workload needs: offered token load / the best throughput one
+replica reaches on that mix, computed with the same predictor and feasibility rule as the plans.
+
+"Best single-replica throughput for that mix" is made precise as follows
+(docs/placement.md#lower-bound):
+
+1. Per rank class. A replica's max_lora_rank is the largest slot rank among its adapters and
+   sets its memory and step cost, so rank-8 adapters can be served on cheaper replicas than
+   rank-64 ones. Adapters are grouped by slot rank R (the smallest rank vLLM accepts that holds
+   them); the fleet needs at least sum_R k_R replicas, k_R the bound for class R on its own.
+2. The mix. A replica's capacity depends on how many adapters it holds *and* on their actual
+   rates: a cold adapter brings few tokens but takes a LoRA slot whenever one of its requests
+   runs, so scaling a few adapters' rates up ("saturating" them) would overstate what a replica
+   holding many cold adapters can do. The mix of class R at size m is therefore a slice: m
+   adapters sampled evenly in rate order (every (n/m)-th, hot and cold as in the class; beyond
+   m = n the class's adapters repeated) with rates scaled so the slice carries exactly m/n of
+   the class's offered load O_R.
+3. Saturation. Growing m grows the slice's adapters and load together; m_R = the largest m
+   whose slice is feasible for one replica (not starved, throughput >= min_served_fraction x
+   offered, at its best max_loras within memory; no utilisation margin), by bisection up to
+   4n. The best single-replica throughput for the mix is C_R = h x O_R x m_R / n, h >= 1 the
+   headroom left at m_R (bisection on a rate multiplier; the infeasible end of the bracket, so
+   C_R is not under-estimated), and k_R = max(O_R / C_R, n / (m_R + 1)): a replica serves at
+   most C_R tokens/s and holds at most m_R adapters of the mix.
+4. Hot and cold. A plan may serve the hottest adapters on replicas of their own and the cold
+   tail elsewhere, which can beat one representative mix; so for t = n/4, n/16, ... the top t
+   adapters and the rest are also bounded as two classes (the top t at least t / (m_R + 1):
+   hotter adapters never fit more per replica), and k_R is the smallest of these.
+5. One replica. If the sum rounds up to 1, the only one-replica plan (every adapter on one
+   replica at the largest rank) is checked directly; if it is infeasible the bound is 2.
+
+LB = ceil(sum_R k_R), at least 1. It is exact when the predictor's capacity depends only on the
+load (tests/test_placement.py builds such cases) and a bound for plans whose replicas look like
+the workload's mix or its hot/cold halves; a plan of very unlike replicas could in principle beat
+it, and the benchmark reports replicas / LB so that would show. Cost: about 25 predictor calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from placement.policy import PlacementContext
+from placement.replica_optimum import (
+    _config,
+    candidates,
+    check_rank_fits,
+    is_feasible,
+    max_feasible_scale,
+)
+from twin.config import EngineConfig
+from twin.replica import ReplicaLoad
+from twin.simulate import smallest_valid_rank
+from twin.workload import Workload
+
+if TYPE_CHECKING:
+    from placement.common import WorkloadIndex
+
+# max_loras values the bound tries: coarser than the optimum's grid (the bound is an envelope)
+BOUND_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SPLIT_RATIO = 4  # hot/cold splits tried: the top n/4, n/16, n/64, ... adapters of a class
+SLICE_GROWTH = 4  # slices grow to SLICE_GROWTH x the class's adapters (its mix repeated)
+
+
+@dataclass(frozen=True)
+class ClassBound:
+    """The bound's figures for one slot rank."""
+
+    max_lora_rank: int
+    n_adapters: int
+    offered_tps: float
+    adapters_per_replica: int  # m_R: the largest slice of the class one replica serves
+    capacity_tps: float  # C_R: the best single-replica throughput for the class's mix
+    replicas: float  # k_R (fractional)
+    hot_split: int = 0  # k_R came from serving the top hot_split adapters apart (0: no split)
+
+
+@dataclass(frozen=True)
+class LowerBound:
+    replicas: int
+    fractional: float
+    offered_tps: float
+    classes: tuple[ClassBound, ...]
+
+    def capacity_for(self, max_lora_rank: int) -> float | None:
+        for c in self.classes:
+            if c.max_lora_rank == max_lora_rank:
+                return c.capacity_tps
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class _Segment:
+    rank: int
+    order: np.ndarray  # adapter positions, hottest first
+    offered: float
+    cap: int  # memory cap on max_loras at this rank
+
+
+@dataclass(frozen=True)
+class _SegmentBound:
+    replicas: float  # fractional bound
+    largest: int  # m: largest feasible slice (0: none)
+    first_infeasible: int | None  # smallest infeasible slice size found (None: none up to 4n)
+    capacity: float  # tokens/s of one replica on this mix
+
+
+def compute_lower_bound(
+    workload: Workload, ctx: PlacementContext, *, index: WorkloadIndex | None = None
+) -> LowerBound:
+    """The bound of the module docstring for ``workload`` under ``ctx``'s predictor."""
+    from placement.common import WorkloadIndex
+
+    index = index or WorkloadIndex(workload)
+    offered = index.offered_tps
+    slot = np.array([smallest_valid_rank(int(r)) for r in index.ranks])
+    segments: list[_Segment] = []
+    options: dict[int, list[tuple[int, int, int | None]]] = {}  # rank -> (t, top/whole, rest)
+    for R in sorted(set(slot.tolist())):
+        members = np.flatnonzero(slot == R)
+        order = members[np.argsort(-index.rates[members], kind="stable")]
+        cap = check_rank_fits(ctx, int(R))
+        opts: list[tuple[int, int, int | None]] = []
+        for t in [0, *_splits(len(order))]:
+            parts = [order] if t == 0 else [order[:t], order[t:]]
+            ids = []
+            for part in parts:
+                segments.append(_Segment(int(R), part, float(offered[part].sum()), cap))
+                ids.append(len(segments) - 1)
+            opts.append((t, ids[0], ids[1] if t else None))
+        options[int(R)] = opts
+
+    bounds = _segment_bounds(segments, index, offered, ctx)
+    out = []
+    for R, opts in options.items():
+        whole = bounds[opts[0][1]]
+        best_k, best_t = whole.replicas, 0
+        for t, top, rest in opts[1:]:
+            k_top = bounds[top].replicas
+            if whole.first_infeasible is not None:
+                k_top = max(k_top, t / whole.first_infeasible)
+            k = k_top + bounds[rest].replicas
+            if k < best_k - 1e-9:
+                best_k, best_t = k, t
+        seg = segments[opts[0][1]]
+        out.append(ClassBound(R, len(seg.order), seg.offered, whole.largest, whole.capacity,
+                              best_k, best_t))
+    total = sum(c.replicas for c in out)
+    replicas = max(1, math.ceil(total - 1e-9)) if math.isfinite(total) else 10**9
+    if replicas == 1 and not _one_replica_serves_all(index, ctx):
+        replicas, total = 2, max(total, 1.0 + 1e-9)
+    return LowerBound(
+        replicas=replicas, fractional=total, offered_tps=float(offered.sum()), classes=tuple(out)
+    )
+
+
+def _one_replica_serves_all(index: WorkloadIndex, ctx: PlacementContext) -> bool:
+    """Whether one replica (all adapters, at the largest slot rank) is feasible for the whole
+    workload: the only one-replica plan there is, so if it is not, the fleet needs two."""
+    load = index.load(np.arange(len(index.ids)), np.ones(len(index.ids)))
+    rank = smallest_valid_rank(load.max_rank)
+    cap = check_rank_fits(ctx, rank)
+    cfgs = [_config(ctx, g, load.n_adapters, rank) for g in candidates(ctx, load.n_adapters, cap)]
+    preds = ctx.predictor.predict([load] * len(cfgs), cfgs)
+    return any(is_feasible(p, ctx) for p in preds)
+
+
+def _splits(n: int) -> list[int]:
+    out, t = [], n // SPLIT_RATIO
+    while t >= 1:
+        out.append(t)
+        t //= SPLIT_RATIO
+    return out
+
+
+def _segment_bounds(
+    segments: list[_Segment], index: WorkloadIndex, offered: np.ndarray, ctx: PlacementContext
+) -> list[_SegmentBound]:
+    """Bisection on the slice size of every segment at once (one predictor call per step),
+    then one batched headroom search at each segment's largest feasible slice."""
+
+    def slice_load(sg: _Segment, m: int) -> ReplicaLoad:
+        n = len(sg.order)
+        k = np.arange(m)
+        pick = sg.order[((k + 0.5) * n / m).astype(np.int64) % n]
+        picked = float(offered[pick].sum())
+        if picked > 0:
+            rates = index.rates[pick] * (sg.offered * m / n / picked)
+        else:  # only idle adapters picked: spread the segment's load evenly over the slice
+            lengths = index.workload.lengths
+            per_request = lengths.mean_prompt() + lengths.mean_output()
+            rates = np.full(m, sg.offered / n / per_request)
+        ids = tuple(index.ids[p] if m <= n else f"{index.ids[p]}~{j}"
+                    for p, j in zip(pick.tolist(), k.tolist(), strict=True))
+        return ReplicaLoad(ids, index.ranks[pick], rates, index.workload.lengths)
+
+    def pairs(probes: dict[int, int]) -> tuple[list[ReplicaLoad], list[EngineConfig], list[int]]:
+        loads, cfgs, owner = [], [], []
+        for k, m in probes.items():
+            sg = segments[k]
+            load = slice_load(sg, m)
+            for g in candidates(ctx, m, sg.cap):
+                if g in BOUND_GRID or g == min(m, sg.cap):
+                    loads.append(load)
+                    cfgs.append(_config(ctx, g, m, sg.rank))
+                    owner.append(k)
+        return loads, cfgs, owner
+
+    live = [k for k, sg in enumerate(segments) if sg.offered > 0]
+    top = {k: SLICE_GROWTH * len(segments[k].order) for k in live}
+    lo = dict.fromkeys(live, 0)  # largest feasible m found
+    hi = {k: top[k] + 1 for k in live}  # smallest infeasible m found (top + 1: none)
+    probe = {k: len(segments[k].order) for k in live}
+    while probe:
+        loads, cfgs, owner = pairs(probe)
+        ok = dict.fromkeys(probe, False)
+        for k, pred in zip(owner, ctx.predictor.predict(loads, cfgs), strict=True):
+            ok[k] = ok[k] or is_feasible(pred, ctx)
+        for k, m in probe.items():
+            if ok[k]:
+                lo[k] = m
+            else:
+                hi[k] = m
+        probe = {}
+        for k in live:
+            if hi[k] - lo[k] <= 1:
+                continue
+            if lo[k] == 0:
+                probe[k] = 1 if hi[k] > 1 else 0
+            elif hi[k] > top[k]:
+                probe[k] = min(top[k], 2 * lo[k])
+            else:
+                probe[k] = (lo[k] + hi[k]) // 2
+            if probe[k] in (0, lo[k], hi[k]):
+                del probe[k]
+
+    # headroom at each segment's largest feasible slice (the single-adapter one if none is)
+    at = {k: max(lo[k], 1) for k in live}
+    loads, cfgs, owner = pairs(at)
+    headroom = dict.fromkeys(live, 0.0)
+    for k, h in zip(owner, max_feasible_scale(loads, cfgs, ctx, upper=True), strict=True):
+        headroom[k] = max(headroom[k], float(h))
+
+    out = []
+    for k, sg in enumerate(segments):
+        n = len(sg.order)
+        if k not in at:
+            out.append(_SegmentBound(0.0, n, None, 0.0))
+            continue
+        m = at[k]
+        capacity = headroom[k] * sg.offered * m / n
+        replicas = sg.offered / capacity if capacity > 0 else math.inf
+        first_bad = hi[k] if hi[k] <= top[k] else None
+        if lo[k] >= 1 and first_bad is not None:
+            replicas = max(replicas, n / first_bad)
+        out.append(_SegmentBound(replicas, lo[k], first_bad, capacity))
+    return out

@@ -1,0 +1,368 @@
+"""The ``lorafleet`` policy: rank-aware bin packing that minimises replicas with no starved one.
+
+Steps (docs/placement.md#packing), each a few batched predictor calls:
+
+1. Hot adapters. The capacity of a replica serving one adapter alone (per slot rank, at
+   max_loras=1) is found by bisection. An adapter offering more gets floor(load / capacity)
+   dedicated replicas (one group, ``copies`` of them, each at capacity) and its remainder joins
+   the packing as a fragment; its routing weights are proportional to the capacity each replica
+   gives it.
+2. Rank-aware packing, highest slot rank first. Each rank class is packed on its own replicas
+   (so one rank-64 adapter never turns a replica of rank-8 adapters into a rank-64 one) by a
+   binary search on the replica count k, starting at the lower bound: the class's items (largest
+   first) go to the lightest of k bins (LPT), and k is feasible when every bin has a feasible
+   max_loras (one predictor call over all bins x candidates). Before a lower class opens its own
+   replicas, it fills the spare capacity (headroom) the higher-rank replicas already have:
+   the only mixing of ranks, and only where it saves capacity that would be wasted.
+3. The same packing with every adapter in one class (at the largest rank) is also tried; the
+   plan with fewer replicas wins (ties: the rank-aware one).
+4. Reduction: replicas are emptied into the others' spare capacity, lightest first.
+5. Repair: any replica still infeasible at the end (a noisy predictor) is split in two.
+6. Margin: with the replica count fixed, the packing is redone at tighter target utilisations
+   (bisection between 60 % and 100 % of the requested one, three packings) and the tightest that
+   needs no more replicas is kept, so the minimal fleet keeps the widest margin it can (packing
+   to the edge can leave a replica saturated, with TTFTs of minutes, where an even spread of
+   the same replicas has headroom on all of them).
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from placement.common import (
+    ReplicaSpec,
+    WorkloadIndex,
+    build_plan,
+    check_servable,
+    lpt_assign,
+)
+from placement.lower_bound import LowerBound, compute_lower_bound
+from placement.plan import Plan
+from placement.policy import PlacementContext
+from placement.replica_optimum import (
+    ReplicaOptimum,
+    _config,
+    check_rank_fits,
+    max_feasible_scale,
+    optimise,
+)
+from twin.replica import ReplicaLoad
+from twin.simulate import smallest_valid_rank
+from twin.workload import Workload
+
+MAX_REDUCTIONS = 4
+# once the replica count is minimal, pack again at tighter fractions of the target utilisation
+# (bisection in [MARGIN_FLOOR, 1], MARGIN_STEPS packings) and keep the tightest that needs no
+# more replicas: the same fleet with its load spread evenly
+MARGIN_FLOOR = 0.6
+MARGIN_STEPS = 3
+MAX_REPAIRS = 4
+
+
+@dataclass
+class _Items:
+    """What is packed: (adapter position, share of its traffic, offered tokens/s, slot rank)."""
+
+    pos: np.ndarray
+    share: np.ndarray
+    size: np.ndarray
+    rank: np.ndarray
+
+
+@dataclass
+class _Bin:
+    rank: int
+    items: list[int] = field(default_factory=list)
+    size: float = 0.0
+    headroom: float | None = None  # None: unknown (bin changed since last measured)
+
+
+@dataclass(frozen=True)
+class LorafleetPolicy:
+    """Rank-aware, starvation-free bin packing minimising replicas (module docstring)."""
+
+    name: str = "lorafleet"
+
+    def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
+        started = time.perf_counter()
+        check_servable(workload, ctx)
+        index = WorkloadIndex(workload)
+        bound = ctx.lower_bound or compute_lower_bound(workload, ctx, index=index)
+        ctx = replace(ctx, lower_bound=bound)
+        specs, optima = _pack(index, ctx, bound)
+        count = _replicas(specs)
+        # fewest replicas first; then the widest margin that still needs no more of them
+        # (bisection on a factor of the target utilisation, down to MARGIN_FLOOR)
+        ok, bad = 1.0, MARGIN_FLOOR
+        base = ctx
+        for _ in range(MARGIN_STEPS):
+            factor = (ok + bad) / 2.0
+            tighter = replace(base, target_utilisation=round(base.target_utilisation * factor, 4))
+            if tighter.target_utilisation * _reach(optima) >= 1.0:
+                ok, ctx = factor, tighter  # the plan in hand already keeps this margin
+                continue
+            trial = _pack(index, tighter, bound)
+            if _replicas(trial[0]) <= count and all(o.feasible for o in trial[1]):
+                ok, ctx, (specs, optima) = factor, tighter, trial
+            else:
+                bad = factor
+        return build_plan(workload, ctx, self.name, specs, index=index, optima=optima,
+                          started=started)
+
+
+def _hot_name(adapter: str, k: int) -> str:
+    """``hot-<adapter id>`` made a valid group name (ids may hold '/', spaces...)."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", adapter).strip("-.")[:48]
+    return f"hot-{clean}" if clean == adapter else f"hot{k}-{clean or 'adapter'}"
+
+
+def _reach(optima: list[ReplicaOptimum]) -> float:
+    """The smallest headroom of a plan's replicas: it stays feasible at utilisation 1/reach."""
+    return min((o.headroom if o.headroom is not None else 1.0) for o in optima)
+
+
+def _replicas(specs: list[ReplicaSpec]) -> int:
+    return sum(s.copies for s in specs)
+
+
+def _pack(
+    index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound
+) -> tuple[list[ReplicaSpec], list[ReplicaOptimum]]:
+    """One packing run (steps 1-5 of the module docstring) at ``ctx``'s margin."""
+    packer = _Packer(index, ctx, bound)
+    dedicated = packer.split_hot()
+    bins = packer.pack(by_rank=True)
+    if len(set(packer.items.rank.tolist())) > 1:
+        merged = packer.pack(by_rank=False)
+        if len(merged) < len(bins):
+            bins = merged
+    bins = packer.reduce(bins)
+    bins, optima = packer.repair(bins)
+    ded_optima = optimise(
+        [index.load_of(s) for s in dedicated], ctx, max_loras=[1] * len(dedicated)
+    )
+    return dedicated + [packer.spec(b) for b in bins], ded_optima + optima
+
+
+class _Packer:
+    """Working state of one packing run (items and bins are plain mutable records here)."""
+
+    def __init__(self, index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound) -> None:
+        self.index = index
+        self.ctx = ctx
+        self.bound = bound
+        self.items = _Items(*(np.zeros(0, dtype=t) for t in (np.int64, float, float, np.int64)))
+
+    # -- hot adapters -----------------------------------------------------------------------
+    def split_hot(self) -> list[ReplicaSpec]:
+        """Dedicated groups for adapters hotter than one replica; everything else (and the
+        remainders) becomes ``self.items``."""
+        idx, ctx = self.index, self.ctx
+        size = idx.offered_tps
+        slot = np.array([smallest_valid_rank(int(r)) for r in idx.ranks], dtype=np.int64)
+        share = np.ones(len(size))
+        # single-adapter capacity per slot rank, probed on the class's hottest adapter
+        reps = {int(R): int(np.flatnonzero(slot == R)[np.argmax(size[slot == R])])
+                for R in np.unique(slot)}
+        for R in reps:
+            check_rank_fits(ctx, R)
+        loads = [idx.load([p], [1.0]) for p in reps.values()]
+        scale = max_feasible_scale(loads, [_config(ctx, 1, 1, R) for R in reps], ctx)
+        single = {R: float(s) * ld.offered_tokens_per_s() * ctx.target_utilisation
+                  for R, s, ld in zip(reps, scale, loads, strict=True)}
+        dedicated: list[ReplicaSpec] = []
+        for p in np.flatnonzero(size > np.array([single[int(R)] for R in slot])):
+            cap = single[int(slot[p])]
+            if cap <= 0:
+                continue  # not even a sliver is feasible: packing reports it starved
+            copies = int(size[p] // cap)
+            per_copy = cap / size[p]
+            dedicated.append(ReplicaSpec({idx.ids[p]: per_copy}, copies=copies, max_loras=1,
+                                         name=_hot_name(idx.ids[p], len(dedicated))))
+            share[p] = 1.0 - copies * per_copy
+        keep = share > 1e-9
+        self.items = _Items(pos=np.flatnonzero(keep), share=share[keep],
+                            size=(size * share)[keep], rank=slot[keep])
+        return dedicated
+
+    # -- packing ----------------------------------------------------------------------------
+    def pack(self, *, by_rank: bool) -> list[_Bin]:
+        """Rank classes from the highest down; each fills existing spare, then opens bins."""
+        items = self.items
+        bins: list[_Bin] = []
+        classes = sorted(set(items.rank.tolist()), reverse=True) if by_rank else [None]
+        for R in classes:
+            pool = np.arange(len(items.pos)) if R is None else np.flatnonzero(items.rank == R)
+            left = pool.tolist()
+            if bins:
+                left = self.fill(bins, left)
+            if left:
+                bins += self.pack_class(np.array(left, dtype=np.int64))
+        return bins
+
+    def pack_class(self, pool: np.ndarray) -> list[_Bin]:
+        """Fewest LPT-balanced bins of ``pool`` with every bin feasible (search on k)."""
+        sizes = self.items.size[pool]
+        cap = self.bound.capacity_for(int(self.items.rank[pool].max())) or 0.0
+        hi = len(pool)
+        # start below the class's bound: its capacity is for the class's mix, and a pool of
+        # hotter adapters (fewer per replica) can beat it
+        lo = min(hi, max(1, int(0.75 * sizes.sum() / cap)) if cap > 0 else 1)
+        tried: dict[int, tuple[bool, list[_Bin]]] = {}
+
+        def probe(k: int) -> bool:
+            if k not in tried:
+                bins = [_Bin(rank=0) for _ in range(k)]
+                for item, b in zip(pool.tolist(), lpt_assign(sizes, k).tolist(), strict=True):
+                    self._add(bins[b], item)
+                bins = [b for b in bins if b.items]
+                tried[k] = (all(self.feasible(bins)), bins)
+            return tried[k][0]
+
+        k = lo
+        while not probe(k):
+            if k >= hi:
+                return tried[k][1]  # even one item per bin fails: repair and report downstream
+            lo = k + 1
+            k = min(hi, max(k + 1, int(k * 1.25) + 1))
+        good = k
+        while lo < good:
+            mid = (lo + good) // 2
+            if probe(mid):
+                good = mid
+            else:
+                lo = mid + 1
+        return tried[good][1]
+
+    def fill(self, bins: list[_Bin], pool: list[int], *, allow_raise: bool = False) -> list[int]:
+        """Put pool items into the bins' spare capacity; returns the items left over.
+
+        A bin's spare is estimated from its headroom: largest item first, into the bin with the
+        most spare among the lowest slot rank that holds it (keeps items on the cheapest
+        replicas); ``allow_raise`` also lets an item into a lower-rank bin (raising its
+        max_lora_rank) when nothing else has room. The headroom scales the bin's *current* mix,
+        so it over-estimates when many new adapters join: the predictor checks every changed
+        bin, and a rejected bin keeps the longest feasible prefix of what it was given (largest
+        items first; bisection, all rejected bins in one predictor call per step).
+        """
+        items = self.items
+        self.measure(bins)
+        heaps: dict[int, list[tuple[float, int]]] = {}
+        for j, b in enumerate(bins):
+            if b.headroom is not None and b.headroom > 1.0 and b.size > 0:
+                heaps.setdefault(b.rank, []).append((-(b.headroom - 1.0) * b.size, j))
+        for h in heaps.values():
+            heapq.heapify(h)
+        ranks = sorted(heaps)
+        added: dict[int, list[int]] = {}
+        left = []
+        for item in sorted(pool, key=lambda i: -items.size[i]):
+            r, need = int(items.rank[item]), items.size[item]
+            order = [q for q in ranks if q >= r]
+            if allow_raise:
+                order += [q for q in reversed(ranks) if q < r]
+            home = next((q for q in order if heaps[q] and -heaps[q][0][0] >= need), None)
+            if home is None:
+                left.append(item)
+                continue
+            room, j = heapq.heappop(heaps[home])
+            added.setdefault(j, []).append(item)
+            heapq.heappush(heaps[home], (room + need, j))
+        if not added:
+            return left
+        base = {j: list(bins[j].items) for j in added}
+        # bisection on how many of its new items each bin keeps: lo feasible, hi not (yet)
+        lo = dict.fromkeys(added, 0)
+        hi = {j: len(v) for j, v in added.items()}
+        probe = dict(hi)
+        while probe:
+            trial = {j: self._bin(base[j] + added[j][:m]) for j, m in probe.items()}
+            verdict = self.feasible(list(trial.values()))
+            for (j, m), good in zip(probe.items(), verdict, strict=True):
+                if good:
+                    lo[j] = m
+                else:
+                    hi[j] = m - 1
+            probe = {j: (lo[j] + hi[j] + 1) // 2 for j in added if lo[j] < hi[j]}
+        for j, new in added.items():
+            keep = lo[j]
+            for item in new[:keep]:
+                self._add(bins[j], item)
+            left += new[keep:]
+        return left
+
+    def reduce(self, bins: list[_Bin]) -> list[_Bin]:
+        """Try to empty replicas (lightest first) into the others' spare capacity."""
+        attempts = 0
+        for victim in sorted(bins, key=lambda b: b.size):
+            if attempts >= MAX_REDUCTIONS or len(bins) < 2:
+                break
+            attempts += 1
+            rest = [b for b in bins if b is not victim]
+            snapshot = [(list(b.items), b.size, b.rank, b.headroom) for b in rest]
+            if self.fill(rest, list(victim.items), allow_raise=True):
+                for b, (its, size, rank, head) in zip(rest, snapshot, strict=True):
+                    b.items, b.size, b.rank, b.headroom = its, size, rank, head
+                continue
+            bins = rest
+        return bins
+
+    def repair(self, bins: list[_Bin]) -> tuple[list[_Bin], list[ReplicaOptimum]]:
+        """Final per-replica optimum; split any infeasible multi-item bin in two and retry."""
+        for _ in range(MAX_REPAIRS):
+            optima = optimise([self.load(b) for b in bins], self.ctx, headroom=True)
+            bad = {j for j, o in enumerate(optima) if not o.feasible and len(bins[j].items) > 1}
+            if not bad:
+                return bins, optima
+            out = [b for j, b in enumerate(bins) if j not in bad]
+            for j in sorted(bad):
+                its = bins[j].items
+                halves = [_Bin(rank=0), _Bin(rank=0)]
+                for item, h in zip(its, lpt_assign(self.items.size[its], 2).tolist(), strict=True):
+                    self._add(halves[h], item)
+                out += [h for h in halves if h.items]
+            bins = out
+        return bins, optimise([self.load(b) for b in bins], self.ctx, headroom=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def feasible(self, bins: list[_Bin]) -> list[bool]:
+        """Whether each bin has a feasible max_loras (one predictor call)."""
+        return [o.feasible for o in optimise([self.load(b) for b in bins], self.ctx,
+                                              headroom=False)]
+
+    def measure(self, bins: list[_Bin]) -> None:
+        """Headroom of every bin whose headroom is unknown (one batched search)."""
+        todo = [b for b in bins if b.headroom is None]
+        if todo:
+            for b, o in zip(todo, optimise([self.load(b) for b in todo], self.ctx), strict=True):
+                b.headroom = o.headroom if o.feasible and o.headroom is not None else 0.0
+
+    def load(self, b: _Bin) -> ReplicaLoad:
+        return self.index.load(self.items.pos[b.items], self.items.share[b.items])
+
+    def spec(self, b: _Bin) -> ReplicaSpec:
+        ids, items = self.index.ids, self.items
+        return ReplicaSpec({ids[items.pos[i]]: float(items.share[i]) for i in b.items})
+
+    def _bin(self, its: list[int]) -> _Bin:
+        b = _Bin(rank=0)
+        for item in its:
+            self._add(b, item)
+        return b
+
+    def _add(self, b: _Bin, item: int) -> None:
+        b.items.append(item)
+        b.size += float(self.items.size[item])
+        b.rank = max(b.rank, int(self.items.rank[item]))
+        b.headroom = None
+
+    def _remove(self, b: _Bin, item: int) -> None:
+        b.items.remove(item)
+        b.size -= float(self.items.size[item])
+        b.rank = max((int(self.items.rank[i]) for i in b.items), default=0)
+        b.headroom = None

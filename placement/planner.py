@@ -1,0 +1,147 @@
+"""Planning entry points for the CLI and benchmarks: one policy, or every policy side by side.
+
+``make_plan`` computes the lower bound once, runs the policy, checks the GPU budget (an error
+that says what would fit) and times it. ``compare`` does that for every registered policy and,
+unless told not to, verifies every plan with full twin runs so the comparison rests on the twin,
+not on the predictor the policies planned with.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from placement.common import WorkloadIndex, check_servable
+from placement.errors import PlacementError
+from placement.lower_bound import LowerBound, compute_lower_bound
+from placement.plan import Plan
+from placement.policy import POLICIES, PlacementContext, get_policy
+from placement.verify import VERIFY_DURATION_S, Progress, verify_plans
+from twin.workload import Workload
+
+BUDGET_SEARCH_STEPS = 7  # bisection steps on the load multiplier for the "what fits" message
+
+
+def prepare(workload: Workload, ctx: PlacementContext) -> PlacementContext:
+    """Validate the workload against the profile and attach the lower bound to the context."""
+    check_servable(workload, ctx)
+    if ctx.lower_bound is None:
+        ctx = replace(ctx, lower_bound=compute_lower_bound(workload, ctx,
+                                                           index=WorkloadIndex(workload)))
+    return ctx
+
+
+def make_plan(workload: Workload, ctx: PlacementContext, policy: str = "lorafleet") -> Plan:
+    """The plan of ``policy`` for ``workload``; PlacementError if it exceeds ``ctx.gpu_budget``."""
+    chosen = get_policy(policy)
+    ctx = prepare(workload, ctx)
+    started = time.perf_counter()
+    plan = chosen.place(workload, ctx)
+    plan = replace(plan, plan_wall_s=round(time.perf_counter() - started, 4))
+    check_budget(plan, workload, ctx, policy)
+    return plan
+
+
+def check_budget(plan: Plan, workload: Workload, ctx: PlacementContext, policy: str) -> None:
+    """Error when the plan needs more replicas than the budget, saying what the budget serves."""
+    budget = ctx.gpu_budget
+    if budget is None or plan.replicas <= budget:
+        return
+    fraction = budget_fraction(workload, ctx, policy, budget)
+    offered = workload.offered_tokens_per_s()
+    bound = plan.lower_bound_replicas
+    floor = (f"; even the lower bound is {bound}" if bound > budget else "")
+    raise PlacementError(
+        f"--gpu-budget {budget}: the {policy} plan for {workload.name!r} needs {plan.replicas} "
+        f"replicas (lower bound {bound}{floor}). What fits in {budget}: about "
+        f"{fraction * 100:.0f} % of this load with the same adapters and mix "
+        f"({fraction * offered:,.0f} of {offered:,.0f} tok/s offered, "
+        f"{fraction * workload.total_rate_rps:,.2f} of {workload.total_rate_rps:,.2f} req/s); "
+        f"or raise --gpu-budget to {plan.replicas}"
+    )
+
+
+def budget_fraction(workload: Workload, ctx: PlacementContext, policy: str, budget: int) -> float:
+    """Largest multiplier of the workload's rates the policy plans within ``budget`` replicas
+    (bisection; a multiple of 1/2**BUDGET_SEARCH_STEPS)."""
+    plain = replace(ctx, gpu_budget=None, lower_bound=None)
+    lo, hi = 0.0, 1.0
+    for _ in range(BUDGET_SEARCH_STEPS):
+        mid = (lo + hi) / 2.0
+        if get_policy(policy).place(workload.scaled(mid), plain).replicas <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every policy's plan on one workload, and the shared lower bound."""
+
+    lower_bound: LowerBound
+    plans: dict[str, Plan]
+    lower_bound_wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `lorafleet plan --compare --json` object."""
+        return {
+            "lower_bound_replicas": self.lower_bound.replicas,
+            "policies": {name: policy_summary(plan) for name, plan in self.plans.items()},
+        }
+
+
+def compare(
+    workload: Workload,
+    ctx: PlacementContext,
+    policies: Sequence[str] | None = None,
+    *,
+    verify: bool = True,
+    duration_s: float = VERIFY_DURATION_S,
+    seed: int = 0,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> Comparison:
+    """Plan with every policy (default: all registered), then verify all plans in one pool.
+
+    With a GPU budget, the error is raised only if no policy fits within it.
+    """
+    names = list(policies) if policies is not None else sorted(POLICIES)
+    t0 = time.perf_counter()
+    budget = ctx.gpu_budget
+    ctx = prepare(workload, replace(ctx, gpu_budget=None))
+    bound_wall = time.perf_counter() - t0
+    plans: dict[str, Plan] = {}
+    for name in names:
+        plans[name] = make_plan(workload, ctx, name)
+    if budget is not None and min(p.replicas for p in plans.values()) > budget:
+        best = min(plans, key=lambda n: plans[n].replicas)
+        check_budget(plans[best], workload, replace(ctx, gpu_budget=budget), best)
+    if verify:
+        checked = verify_plans(list(plans.values()), ctx.profile, duration_s=duration_s,
+                               seed=seed, workers=workers, progress=progress)
+        plans = dict(zip(plans, checked, strict=True))
+    return Comparison(lower_bound=ctx.lower_bound, plans=plans,
+                      lower_bound_wall_s=round(bound_wall, 4))
+
+
+def policy_summary(plan: Plan) -> dict[str, Any]:
+    """One policy's line of the comparison (twin-verified figures when the plan is verified).
+
+    ``ttft_p99_ms`` is the worst replica's p99 (an upper bound on the fleet's p99);
+    ``offered_total_tps`` is what the replicas were offered in the same runs.
+    """
+    src = plan.metrics_source()
+    ttft = plan.worst("ttft_p99_ms", src)
+    return {
+        "replicas": plan.replicas,
+        "starved_replicas": plan.starved_replicas(src),
+        "verified_total_throughput_tps": plan.total("total_throughput_tps", "verified")
+        if plan.is_verified else None,
+        "offered_total_tps": plan.total("offered_total_tps", src),
+        "ttft_p99_ms": ttft if math.isfinite(ttft) else None,
+        "plan_wall_s": plan.plan_wall_s,
+    }

@@ -1,0 +1,437 @@
+"""Placement: per-replica optimum, lower bound, packing, hot-adapter splits, budget and rank errors,
+predictors and the `lorafleet plan` CLI.
+
+Most tests use ``CapacityPredictor``: a replica completes min(offered, capacity) tokens/s, with
+the capacity fixed per slot rank (and optionally peaked in max_loras), so every expected outcome
+follows from the construction, not from the code's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.cli import main
+from placement.analytic import AnalyticPredictor
+from placement.common import WorkloadIndex, lpt_assign
+from placement.errors import PlacementError
+from placement.lower_bound import compute_lower_bound
+from placement.plan import Plan
+from placement.planner import compare, make_plan
+from placement.policy import POLICIES, PlacementContext, get_policy
+from placement.predictors import make_predictor
+from placement.replica_optimum import is_feasible, memory_cap, optimise, replica_optimum
+from placement.verify import verify_plan
+from twin.config import EngineConfig
+from twin.lengths import LengthModel
+from twin.profile import load_profile
+from twin.replica import PREDICTED_METRICS, ReplicaLoad, TwinPredictor
+from twin.workload import AdapterSpec, Workload, uniform_workload, zipf_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = str(ROOT / "examples" / "workload_small.yaml")
+LLAMA = "llama-3.1-8b-instruct"
+FIXED = LengthModel(kind="fixed", prompt=100, output=100)  # 200 tokens per request
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_profile(LLAMA)
+
+
+@dataclass(frozen=True)
+class CapacityPredictor:
+    """A replica serves ``capacity(max_lora_rank, max_loras, n_adapters)`` tokens/s."""
+
+    capacity: Callable[[int, int, int], float]
+    name: str = "capacity"
+
+    def predict(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> list[dict[str, float]]:
+        out = []
+        for load, cfg in zip(loads, configs, strict=True):
+            cap = self.capacity(cfg.max_lora_rank, cfg.max_loras, load.n_adapters)
+            offered = load.offered_tokens_per_s()
+            served = min(offered, cap)
+            out.append({
+                "total_throughput_tps": served, "offered_total_tps": offered,
+                "ttft_p50_ms": 50.0, "ttft_p99_ms": 100.0, "itl_p50_ms": 20.0,
+                "itl_p99_ms": 40.0, "starved": served < 0.9 * offered,
+            })
+        return out
+
+
+def flat(x: float) -> CapacityPredictor:
+    return CapacityPredictor(lambda rank, g, n: x)
+
+
+def ctx_for(profile, predictor, **kw) -> PlacementContext:
+    """Feasible exactly when offered <= capacity (min_served_fraction 1)."""
+    kw.setdefault("min_served_fraction", 1.0)
+    kw.setdefault("headroom_tolerance", 0.002)
+    return PlacementContext.for_profile(profile, predictor, **kw)
+
+
+def workload(adapters: list[tuple[str, int, float]], name: str = "w") -> Workload:
+    return Workload(
+        name=name, adapters=tuple(AdapterSpec(i, r, q) for i, r, q in adapters), lengths=FIXED
+    )
+
+
+def replicas_serving(plan: Plan, adapter: str) -> int:
+    return sum(plan.group(r.group).copies for r in plan.routing[adapter])
+
+
+def per_replica_offered(plan: Plan) -> list[float]:
+    return [g.total_rate_rps * 200.0 for g in plan.groups]
+
+
+# ----------------------------------------------------------------------------- optimum
+
+
+def test_optimum_picks_the_max_loras_with_the_most_capacity(llama):
+    # capacity peaks at max_loras=8 (slot pressure below, slot costs above)
+    peaked = CapacityPredictor(lambda r, g, n: 1000.0 * (1.0 - 0.1 * abs(math.log2(g / 8))))
+    w = workload([(f"a{i}", 8, 0.5) for i in range(20)])  # 2,000 tok/s
+    load = ReplicaLoad.from_workload(w.scaled(0.4))  # 800 tok/s: feasible for g in 2..20
+    opt = replica_optimum(load, ctx_for(llama, peaked))
+    assert opt.feasible
+    assert opt.engine.max_loras == 8
+    assert opt.headroom == pytest.approx(1000.0 / 800.0, rel=0.01)
+
+
+def test_optimum_ties_go_to_the_fewest_slots(llama):
+    load = ReplicaLoad.from_workload(workload([(f"a{i}", 16, 0.2) for i in range(12)]))
+    opt = replica_optimum(load, ctx_for(llama, flat(10_000.0)))
+    assert opt.engine.max_loras == 1
+    assert opt.engine.max_cpu_loras == 12  # every adapter resident on CPU
+    assert opt.engine.max_lora_rank == 16
+
+
+def test_optimum_respects_memory_and_reports_infeasible(llama):
+    # rank 64 on the H100 Llama profile: KV holds one 131k request only up to ~61 slots
+    cap = memory_cap(ctx_for(llama, flat(1.0)), 64)
+    assert 1 <= cap < 100
+    more_is_better = CapacityPredictor(lambda r, g, n: 100.0 * g)
+    load = ReplicaLoad.from_workload(workload([(f"a{i}", 64, 0.01) for i in range(100)]))
+    opt = replica_optimum(load, ctx_for(llama, more_is_better))
+    assert opt.engine.max_loras == cap
+    assert llama.check_feasible(opt.engine) >= llama.max_model_len
+    hot = ReplicaLoad.from_workload(workload([("x", 8, 100.0)]))  # 20,000 tok/s
+    bad = replica_optimum(hot, ctx_for(llama, flat(1_000.0)))
+    assert not bad.feasible and bad.headroom < 1.0
+
+
+def test_feasibility_rule(llama):
+    ctx = PlacementContext.for_profile(llama, flat(1.0))  # default: 99 % must be served
+    base = {k: 0.0 for k in PREDICTED_METRICS}
+    assert is_feasible({**base, "total_throughput_tps": 99.5, "offered_total_tps": 100.0}, ctx)
+    assert not is_feasible({**base, "total_throughput_tps": 98.0, "offered_total_tps": 100.0}, ctx)
+    assert not is_feasible(
+        {**base, "total_throughput_tps": 100.0, "offered_total_tps": 100.0, "starved": True}, ctx
+    )
+
+
+def test_target_utilisation_keeps_a_margin(llama):
+    load = ReplicaLoad.from_workload(workload([("a", 8, 4.5)]))  # 900 tok/s
+    assert optimise([load], ctx_for(llama, flat(1000.0)))[0].feasible
+    assert not optimise([load], ctx_for(llama, flat(1000.0), target_utilisation=0.8))[0].feasible
+
+
+# ----------------------------------------------------------------------------- lower bound
+
+
+def test_lower_bound_is_offered_over_capacity(llama):
+    w = uniform_workload(30, 30.0, ranks=[8], lengths=FIXED)  # 6,000 tok/s
+    for x, expected in ((1000.0, 6), (2500.0, 3), (7000.0, 1)):
+        assert compute_lower_bound(w, ctx_for(llama, flat(x))).replicas == expected
+
+
+def test_lower_bound_adds_rank_classes(llama):
+    rank_cost = CapacityPredictor(lambda r, g, n: 1000.0 if r <= 8 else 250.0)
+    w = workload([(f"s{i}", 8, 1.0) for i in range(10)]  # 2,000 tok/s at rank 8: 2 replicas
+                 + [(f"b{i}", 64, 0.25) for i in range(5)])  # 250 tok/s at rank 64: 1
+    bound = compute_lower_bound(w, ctx_for(llama, rank_cost))
+    assert bound.replicas == 3
+    assert {c.max_lora_rank for c in bound.classes} == {8, 64}
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_tight_case_meets_the_lower_bound(llama):
+    # 12 adapters of 100 tok/s, replicas of 400 tok/s: exactly 3 full replicas
+    w = workload([(f"a{i:02d}", 8, 0.5) for i in range(12)])
+    ctx = ctx_for(llama, flat(400.0))
+    plan = make_plan(w, ctx)
+    assert plan.lower_bound_replicas == 3
+    assert plan.replicas == 3
+    assert all(off <= 400.0 + 1e-6 for off in per_replica_offered(plan))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_never_below_the_bound_and_never_predicted_starved(llama, seed):
+    rng = np.random.default_rng(seed)
+    n = 40
+    rates = rng.pareto(1.2, n) + 0.05
+    ranks = rng.choice([8, 16, 32], n)
+    w = workload([(f"a{i:02d}", int(ranks[i]), float(rates[i])) for i in range(n)])
+    cap = 1500.0
+    plan = make_plan(w, ctx_for(llama, flat(cap)))
+    assert plan.replicas >= plan.lower_bound_replicas
+    assert plan.starved_replicas("predicted") == 0
+    assert all(off <= cap * (1 + 1e-6) for off in per_replica_offered(plan))
+    # every adapter's traffic is served exactly once
+    for adapter, routes in plan.routing.items():
+        assert sum(r.weight for r in routes) == pytest.approx(1.0, abs=1e-9)
+        served = sum(plan.group(r.group).copies * next(
+            a.rate_rps for a in plan.group(r.group).adapters if a.id == adapter) for r in routes)
+        assert served == pytest.approx(w.adapters[int(adapter[1:])].rate_rps, rel=1e-9)
+
+
+def test_hot_adapter_is_split_with_weights_proportional_to_capacity(llama):
+    cap = 1000.0  # tok/s per replica = 5 req/s of 200 tokens
+    w = workload([("hot", 8, 12.5)]  # 2,500 tok/s: 2.5 replicas' worth
+                 + [(f"c{i}", 8, 0.25) for i in range(8)])  # 400 tok/s of cold adapters
+    plan = make_plan(w, ctx_for(llama, flat(cap)))
+    routes = plan.routing["hot"]
+    assert sum(r.weight for r in routes) == pytest.approx(1.0)
+    assert replicas_serving(plan, "hot") == math.ceil(2500.0 / cap)
+    for r in routes:  # each replica gets a share of the hot traffic proportional to what it serves
+        g = plan.group(r.group)
+        rate = next(a.rate_rps for a in g.adapters if a.id == "hot")
+        assert r.weight == pytest.approx(rate * g.copies / 12.5, rel=1e-9)
+    dedicated = [plan.group(r.group) for r in routes if len(plan.group(r.group).adapters) == 1]
+    assert dedicated and all(g.total_rate_rps * 200.0 == pytest.approx(cap, rel=0.01)
+                             for g in dedicated)
+    assert plan.replicas == plan.lower_bound_replicas == 3  # 2,900 tok/s over 1,000-tok/s replicas
+    assert plan.starved_replicas("predicted") == 0
+
+
+def test_rank_aware_packing_keeps_low_ranks_off_expensive_replicas(llama):
+    # a rank-64 replica serves a quarter of a rank-8 one
+    rank_cost = CapacityPredictor(lambda r, g, n: 1000.0 if r <= 8 else 250.0)
+    w = workload([(f"s{i:02d}", 8, 0.45) for i in range(20)]  # 1,800 tok/s at rank 8
+                 + [("big", 64, 0.2)])  # 40 tok/s at rank 64
+    plan = make_plan(w, ctx_for(llama, rank_cost))
+    # optimum: two rank-8 replicas (1,800 > 1,000) and the rank-64 one; rank-blind packing
+    # would need ceil(1,840 / 250) = 8
+    assert plan.replicas == 3 >= plan.lower_bound_replicas
+    low = [g for g in plan.groups if g.engine.max_lora_rank == 8]
+    served_low = sum(g.total_rate_rps for g in low) * 200.0
+    assert served_low >= 1800.0 - 250.0  # at most the rank-64 replica's spare went there
+
+
+def test_analytic_plans_have_no_predicted_starvation(llama):
+    w = zipf_workload(300, 40.0, ranks={8: 0.5, 16: 0.3, 32: 0.2})
+    plan = make_plan(w, PlacementContext.for_profile(llama, AnalyticPredictor(llama)))
+    assert plan.starved_replicas("predicted") == 0
+    assert plan.replicas >= plan.lower_bound_replicas
+    ctx = PlacementContext.for_profile(llama, AnalyticPredictor(llama))
+    for g in plan.groups:
+        assert is_feasible(g.predicted, ctx)
+        assert llama.check_feasible(g.engine) >= llama.max_model_len
+        assert g.engine.max_lora_rank >= max(a.rank for a in g.adapters)
+
+
+def test_lpt_balances():
+    sizes = np.array([7.0, 5.0, 4.0, 3.0, 3.0, 2.0])
+    bins = lpt_assign(sizes, 3)
+    loads = np.bincount(bins, weights=sizes, minlength=3)
+    assert loads.max() - loads.min() <= sizes.min()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_gpu_budget_error_says_what_fits(llama):
+    w = workload([(f"a{i:02d}", 8, 0.5) for i in range(12)])  # 1,200 tok/s
+    ctx = ctx_for(llama, flat(400.0), gpu_budget=2)  # needs 3
+    with pytest.raises(PlacementError) as err:
+        make_plan(w, ctx)
+    msg = str(err.value)
+    assert "needs 3 replicas" in msg and "What fits in 2" in msg
+    pct = float(re.search(r"about (\d+) %", msg).group(1))
+    assert abs(pct - 100.0 * 800.0 / 1200.0) <= 2.0  # two replicas carry 800 of 1,200 tok/s
+
+
+def test_rank_beyond_vllm_is_an_error_naming_the_adapter(llama):
+    w = workload([("ok", 8, 1.0), ("giant", 1024, 1.0)])
+    with pytest.raises(PlacementError, match=r"'giant' \(rank 1024\).*512"):
+        make_plan(w, ctx_for(llama, flat(1e6)))
+
+
+def test_rank_that_fits_no_memory_is_an_error_saying_what_fits(llama):
+    kv = replace(llama.kv_capacity, per_slot_rank_tokens=3000.0, points=())
+    tight = replace(llama, kv_capacity=kv)  # one rank-64 slot leaves too little KV
+    w = workload([("small", 8, 1.0), ("wide", 64, 1.0)])
+    with pytest.raises(PlacementError, match=r"'wide' \(rank 64\).*What fits"):
+        make_plan(w, ctx_for(tight, flat(1e6)))
+
+
+def test_unknown_policy_lists_the_known_ones():
+    with pytest.raises(PlacementError, match="lorafleet"):
+        get_policy("nope")
+    with pytest.raises(TypeError):
+        POLICIES["x"] = POLICIES["lorafleet"]  # the registry is read-only
+
+
+def test_missing_surrogate_names_the_path_and_the_command(llama, tmp_path):
+    path = tmp_path / "myprofile.yaml"
+    llama.to_yaml(path)
+    with pytest.raises(PlacementError, match=r"surrogate train --profile"):
+        make_predictor("surrogate", llama, profile_ref=str(path))
+
+
+# ----------------------------------------------------------------------------- twin
+
+
+def test_twin_predictor_plan_and_verification(llama):
+    small = Workload.from_yaml(SMALL)
+    w = replace(small, adapters=small.adapters[:4])
+    ctx = PlacementContext.for_profile(
+        llama, TwinPredictor(llama, duration_s=300.0), headroom_tolerance=0.1,
+        max_loras_grid=(1, 2, 4),  # few candidates: every prediction is a twin run
+        min_served_fraction=0.95,  # a 300 s window loses the requests still running at its end
+    )
+    plan = make_plan(w, ctx)
+    assert plan.replicas >= plan.lower_bound_replicas
+    assert plan.starved_replicas("predicted") == 0
+    checked = verify_plan(plan, llama, duration_s=600.0, workers=1)
+    assert checked.is_verified and checked.starved_replicas("verified") == 0
+    for g in checked.groups:
+        assert g.verified["offered_total_tps"] > 0
+        assert g.verified["duration_s"] == 600.0
+
+
+def test_verify_refuses_another_profile(llama):
+    plan = make_plan(workload([("a", 8, 1.0)]), ctx_for(llama, flat(1e4)))
+    other = load_profile("qwen-2.5-7b-instruct")
+    with pytest.raises(PlacementError, match="made with profile"):
+        verify_plan(plan, other, duration_s=60.0)
+
+
+def test_compare_runs_every_registered_policy(llama):
+    result = compare(workload([(f"a{i}", 8, 0.5) for i in range(6)]), ctx_for(llama, flat(400.0)),
+                     verify=False)
+    assert set(result.plans) == set(POLICIES)
+    assert result.lower_bound.replicas == 2
+
+
+# ----------------------------------------------------------------------------- CLI
+
+SUMMARY_KEYS = {"replicas", "starved_replicas", "verified_total_throughput_tps",
+                "offered_total_tps", "ttft_p99_ms", "plan_wall_s"}
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    from rich.console import Console
+
+    import orchestrator.cli as cli
+
+    monkeypatch.setattr(cli, "console", Console(width=200))
+
+
+def test_cli_plan_json_and_output(capsys, tmp_path, wide_console):
+    out = tmp_path / "plan.yaml"
+    code = main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic", "--json",
+                 "-o", str(out)])
+    assert code == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["replicas"] >= obj["lower_bound_replicas"] >= 1
+    assert obj["starved_replicas"] == 0 and obj["policy"] == "lorafleet"
+    assert Plan.from_yaml(out).replicas == obj["replicas"]
+
+
+def test_cli_compare_json_keys(capsys, wide_console):
+    code = main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic", "--compare",
+                 "--json", "--verify-duration", "600", "--workers", "1"])
+    assert code == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert set(obj) == {"lower_bound_replicas", "policies"}
+    assert isinstance(obj["lower_bound_replicas"], int)
+    assert set(obj["policies"]) == set(POLICIES)
+    for summary in obj["policies"].values():
+        assert set(summary) == SUMMARY_KEYS
+        assert summary["verified_total_throughput_tps"] > 0  # every policy twin-verified
+        assert isinstance(summary["replicas"], int) and isinstance(summary["plan_wall_s"], float)
+
+
+def test_cli_table_and_user_errors(capsys, wide_console):
+    assert main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic"]) == 0
+    out = capsys.readouterr().out
+    assert "lower bound" in out and "group-000" in out
+    assert main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic",
+                 "--policy", "nope"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown policy 'nope'" in err and all(name in err for name in POLICIES)
+    assert main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic",
+                 "--gpu-budget", "1", "--target-utilisation", "0.05"]) == 2
+    assert "What fits in 1" in capsys.readouterr().err
+
+
+def test_workload_index_follows_workload_order():
+    w = workload([("b", 8, 1.0), ("a", 16, 2.0)])
+    idx = WorkloadIndex(w)
+    assert idx.ids == ("b", "a") and idx.position["a"] == 1
+    assert idx.offered_tps.tolist() == [200.0, 400.0]
+
+
+def test_hot_group_names_are_valid_for_any_adapter_id(llama):
+    w = workload([("org/support bot", 8, 12.5), ("x", 8, 0.1)])  # 2,500 tok/s: hot
+    plan = make_plan(w, ctx_for(llama, flat(1000.0)))
+    names = [r.group for r in plan.routing["org/support bot"]]
+    assert any(n.startswith("hot") for n in names)
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_idle_adapters_are_placed(llama):
+    plan = make_plan(workload([("a", 8, 0.0), ("b", 16, 0.0)]), ctx_for(llama, flat(100.0)))
+    assert plan.replicas == 1 and set(plan.routing) == {"a", "b"}
+
+
+def test_analytic_predictor_behaves(llama):
+    pred = AnalyticPredictor(llama)
+    lo = ReplicaLoad.from_workload(uniform_workload(32, 2.0, ranks=[8]))
+    hi = ReplicaLoad.from_workload(uniform_workload(32, 80.0, ranks=[8]))
+    cfg8 = EngineConfig(max_loras=32, max_cpu_loras=32, max_lora_rank=8)
+    cfg64 = EngineConfig(max_loras=32, max_cpu_loras=32, max_lora_rank=64)
+    light, heavy = pred.predict([lo, hi], [cfg8, cfg8])
+    assert not light["starved"] and light["total_throughput_tps"] == pytest.approx(
+        light["offered_total_tps"])
+    assert heavy["starved"] and heavy["total_throughput_tps"] < 0.9 * heavy["offered_total_tps"]
+    assert heavy["ttft_p99_ms"] >= light["ttft_p99_ms"] and heavy["itl_p50_ms"] > 0
+    cap8, cap64 = pred.capacity_tps([hi, hi], [cfg8, cfg64])
+    assert cap64 < cap8  # larger slots cost step time (rank tiles of the LoRA kernels)
+    few = ReplicaLoad.from_workload(uniform_workload(8, 2.0, ranks=[8]))
+    many = ReplicaLoad.from_workload(uniform_workload(400, 2.0, ranks=[8]))
+    cfg = EngineConfig(max_loras=8, max_cpu_loras=400, max_lora_rank=8)
+    assert pred.capacity_tps([many], [cfg])[0] < pred.capacity_tps([few], [cfg])[0]
+
+
+def test_lower_bound_survives_idle_adapters_next_to_a_hot_one():
+    from placement.analytic import AnalyticPredictor
+    from placement.lower_bound import compute_lower_bound
+    from placement.policy import PlacementContext
+    from twin.lengths import LengthModel
+    from twin.profile import load_profile
+    from twin.workload import AdapterSpec, Workload
+
+    profile = load_profile("llama-3.1-8b-instruct")
+    w = Workload(
+        name="hot-and-idle",
+        adapters=(AdapterSpec("h", 8, 30.0), AdapterSpec("z", 8, 0.0)),
+        lengths=LengthModel(kind="sharegpt"),
+    )
+    ctx = PlacementContext.for_profile(profile, AnalyticPredictor(profile))
+    lb = compute_lower_bound(w, ctx)
+    assert lb.replicas >= 1

@@ -1,0 +1,183 @@
+"""The serving path on Ray Serve with ``sim`` replicas: 240 adapters over four groups (one
+replicated, one hot adapter split over two groups), every request lands where the plan says;
+telemetry reaches ``status``; and the CLI's deploy/status/shutdown leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER
+from orchestrator.synthetic_plan import GroupShape, split_adapters, synthetic_plan
+
+pytestmark = pytest.mark.integration
+N_ADAPTERS = 240
+
+
+@pytest.fixture(scope="module")
+def sim_app(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from orchestrator.serve_app import run_application
+    from orchestrator.serving_spec import ServingSpec
+
+    parts = split_adapters(N_ADAPTERS, 3)
+    hot = parts[0][0]
+    plan = synthetic_plan([
+        GroupShape("hot", [hot], copies=2, rate_rps=2.0),
+        *(GroupShape(f"group-{i}", p, max_loras=16) for i, p in enumerate(parts)),
+    ])
+    path = tmp_path_factory.mktemp("sim") / "plan.yaml"
+    plan.to_yaml(path)
+    spec = ServingSpec.from_args({"plan_path": str(path), "engine": "sim"})
+    run_application(spec)
+    yield plan, path, ray_cluster.url
+    serve.delete("lorafleet")
+
+
+def test_sim_every_adapter_lands_on_its_planned_group(sim_app) -> None:
+    plan, _, url = sim_app
+    assert len(plan.routing) == N_ADAPTERS
+
+    async def run() -> list[tuple[str, int, str, str]]:
+        sem = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def one(adapter: str) -> tuple[str, int, str, str]:
+                async with sem:
+                    r = await client.post("/v1/completions", json={
+                        "model": adapter, "prompt": [11, 12, 13, 14], "max_tokens": 2})
+                    return (adapter, r.status_code, r.headers.get(REPLICA_HEADER, ""),
+                            r.headers.get(ENGINE_HEADER, ""))
+
+            hot = plan.groups[0].adapters[0].id
+            return await asyncio.gather(*[one(a) for a in plan.routing], *[one(hot)] * 40)
+
+    results = asyncio.run(run())
+    replicas_used = set()
+    for adapter, status, replica, engine in results:
+        assert status == 200 and engine == "sim"
+        group = replica.split("/")[0]
+        assert group in {r.group for r in plan.routing[adapter]}, (adapter, replica)
+        replicas_used.add(replica)
+    assert {"hot/0", "hot/1", "group-0/0", "group-1/0", "group-2/0"} <= replicas_used
+
+
+def test_sim_openai_client_and_status_reports(sim_app, ray_cluster) -> None:
+    import openai
+
+    from orchestrator.deploy import DeployState, collect_reports
+
+    plan, path, url = sim_app
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    adapter = plan.group("group-1").adapters[3].id
+    out = client.completions.create(model=adapter, prompt="hello", max_tokens=5)
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model=adapter, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True)
+    assert len([c for c in chat if c.choices and c.choices[0].delta.content]) == 3
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="x")
+
+    state = DeployState(address=ray_cluster.address, url=url, engine="sim",
+                        plan_path=str(path), app_name="lorafleet",
+                        replicas=["hot/0", "group-1/0"],
+                        deployments={"hot/0": "engine-hot-0", "group-1/0": "engine-group-1-0"})
+    reports = collect_reports(state, window_s=300)
+    g1 = reports["group-1/0"]
+    assert g1["engine"] == "sim" and len(g1["adapters"]) == N_ADAPTERS // 3
+    assert adapter in g1["adapters_live"] and g1["total_requests"] >= 2
+    assert reports["hot/0"]["adapters"] == [plan.groups[0].adapters[0].id]
+
+
+def test_deploy_status_shutdown_cli_leaves_no_process(tmp_path: Path) -> None:
+    """`lorafleet deploy --engine sim` starts its own head; shutdown stops exactly that tree."""
+    import psutil
+
+    from orchestrator.deploy import free_port
+
+    plan = synthetic_plan([GroupShape("a", [("x-1", 8), ("x-2", 16)]),
+                           GroupShape("b", [("y-1", 8)], copies=2)])
+    plan.to_yaml(tmp_path / "plan.yaml")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    state = ["--state-dir", str(tmp_path / "state")]
+
+    def run(*args: str) -> dict:
+        res = subprocess.run([*cli, *args, *state, "--json"], capture_output=True, text=True,
+                             env=env, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    deployed = run("deploy", str(tmp_path / "plan.yaml"), "--engine", "sim", "--port", str(port),
+                   "--num-cpus", "2")
+    head_pid = json.loads((tmp_path / "state" / "deploy.json").read_text())["head"]["pid"]
+    try:
+        assert deployed["replicas"] == ["a/0", "b/0", "b/1"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "y-1", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and r.headers[REPLICA_HEADER].startswith("b/")
+        status = run("status")
+        assert {row["replica"] for row in status["rows"]} == {"a/0", "b/0", "b/1"}
+        assert sum(row["requests"] for row in status["rows"]) == 1
+        tree = [head_pid, *(c.pid for c in psutil.Process(head_pid).children(recursive=True))]
+    finally:
+        down = run("shutdown")
+    assert down["leftover_pids"] == [] and down["head_pid"] == head_pid
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                   for p in tree)
+    assert not (tmp_path / "state" / "deploy.json").exists()
+
+
+def test_openloop_generator_measures_per_replica_and_writes_a_row(sim_app, tmp_path) -> None:
+    import csv
+
+    from load_tests.openloop import build_openloop_row, run_openloop
+    from orchestrator.live_bench import MEASURED_COLUMNS, append_row
+    from twin.workload import Workload
+
+    plan, _, url = sim_app
+    workload = Workload.from_yaml(Path(__file__).parent.parent / "examples"
+                                  / "workload_cpu_light.yaml").scaled(4.0)
+    res = asyncio.run(run_openloop(workload, url, 6.0, seed=3))
+    m = res.metrics
+    assert res.engine == "sim" and not res.errors
+    assert m["offered_requests"] == len(res.batch) > 10
+    assert m["completed"] >= 0.8 * m["offered_requests"] and m["ttft_median_ms"] > 0
+    for rid in res.per_replica:  # every replica that served is one the plan routes to
+        assert any(rid.split("/")[0] in {r.group for r in plan.routing[a.id]}
+                   for a in workload.adapters)
+    assert sum(v["completed"] for v in res.per_replica.values()) == m["completed"]
+    row = build_openloop_row(res, url=url, seed=3, model_name="tiny-llama-cpu")
+    append_row(tmp_path / "runs.csv", row)
+    with open(tmp_path / "runs.csv") as f:
+        (read,) = list(csv.DictReader(f))
+    assert set(MEASURED_COLUMNS) <= set(read) and int(read["completed"]) == m["completed"]
+    assert json.loads(read["workload_json"])["name"] == workload.name
+
+
+def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
+    import csv
+
+    _, _, url = sim_app
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "LORAFLEET_WORKLOAD": str(root / "examples" / "workload_cpu_light.yaml")}
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("locust")), "-f", str(root / "load_tests"
+                                                                  / "locustfile.py"),
+         "--headless", "-u", "4", "-r", "4", "-t", "5s", "--host", url, "--only-summary",
+         "--csv", str(tmp_path / "loc")], capture_output=True, text=True, env=env, timeout=120,
+        cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(tmp_path / "loc_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    assert int(rows["/v1/completions"]["Request Count"]) > 5
+    assert int(rows["/v1/completions"]["Failure Count"]) == 0
+    assert any(name.startswith("group-") or name.startswith("hot/") for name in rows)

@@ -1,0 +1,253 @@
+"""The LightGBM surrogate: features, the designed space, fit/predict/save, the CLI contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.cli import main
+from twin.config import EngineConfig
+from twin.lengths import LengthModel
+from twin.profile import REPO_PROFILES_DIR, load_profile
+from twin.replica import PREDICTED_METRICS, ReplicaLoad
+from twin.surrogate import (
+    Surrogate,
+    SurrogateError,
+    load_surrogate,
+    macro_f1,
+    surrogate_dir,
+)
+from twin.surrogate_data import (
+    MAX_LORAS_GRID,
+    RANKS,
+    RATE_SHAPES,
+    length_menu,
+    run_samples,
+    sample_space,
+)
+from twin.surrogate_features import FEATURE_NAMES, FeatureBuilder, build_features
+
+PROFILE = "llama-3.1-8b-instruct"
+RUNS = Path(__file__).resolve().parent.parent / "data/reference/vllm-0.8.5-h100/validation_runs.csv"
+COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_profile(PROFILE)
+
+
+def _load(rates, ranks=None, lengths=None) -> ReplicaLoad:
+    rates = np.asarray(rates, float)
+    return ReplicaLoad(
+        adapter_ids=tuple(f"a{i}" for i in range(len(rates))),
+        ranks=np.asarray(ranks if ranks is not None else [8] * len(rates)),
+        rates_rps=rates,
+        lengths=lengths or LengthModel(kind="sharegpt"),
+    )
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def test_doubling_rates_doubles_load_features_and_keeps_the_shape(profile):
+    cfg = EngineConfig(max_loras=4, max_cpu_loras=20, max_lora_rank=16, max_num_seqs=256)
+    rates = np.linspace(0.1, 2.0, 20)
+    base, double = build_features([_load(rates), _load(2 * rates)], [cfg, cfg], profile)
+    for name in ("total_rate_rps", "offered_tps", "load_ratio", "rho"):
+        assert double[COL[name]] == pytest.approx(2 * base[COL[name]], rel=1e-9), name
+    for name in ("n_adapters", "share_top1", "share_top_slots", "entropy_norm", "rank8_share",
+                 "kv_tokens", "capacity_tps", "max_loras_per_adapter"):
+        assert double[COL[name]] == pytest.approx(base[COL[name]], rel=1e-9), name
+    # a busier replica has a longer step and more adapters active at once
+    assert double[COL["step_ms_est"]] > base[COL["step_ms_est"]]
+    assert double[COL["active_adapters_est"]] > base[COL["active_adapters_est"]]
+
+
+def test_feature_values_are_the_physical_summaries(profile):
+    cfg = EngineConfig(max_loras=2, max_cpu_loras=4, max_lora_rank=32)
+    load = _load([3.0, 1.0, 1.0, 1.0], ranks=[8, 16, 32, 32])
+    x = build_features([load], [cfg], profile)[0]
+    assert x[COL["n_adapters"]] == 4 and x[COL["total_rate_rps"]] == pytest.approx(6.0)
+    assert x[COL["offered_tps"]] == pytest.approx(load.offered_tokens_per_s())
+    assert x[COL["share_top1"]] == pytest.approx(0.5)
+    assert x[COL["share_top_slots"]] == pytest.approx(4 / 6)  # the 2 hottest adapters
+    assert (x[COL["rank8_share"]], x[COL["rank16_share"]], x[COL["rank32_share"]]) == (
+        pytest.approx(0.5), pytest.approx(1 / 6), pytest.approx(1 / 3))
+    assert x[COL["max_rank"]] == 32 and x[COL["kv_tokens"]] == profile.kv_tokens(cfg)
+    # uniform rates have maximal entropy
+    flat = build_features([_load([1.0] * 4)], [cfg], profile)[0]
+    assert flat[COL["entropy_norm"]] == pytest.approx(1.0)
+    assert x[COL["entropy_norm"]] < 0.99
+
+
+def test_batch_rows_equal_single_rows(profile):
+    specs = sample_space(25, profile, seed=11)
+    menu = {n: lm for n, lm, _ in length_menu(profile.max_model_len)}
+    pairs = [s.build(menu) for s in specs]
+    loads, cfgs = [p[0] for p in pairs], [p[1] for p in pairs]
+    batch = FeatureBuilder(profile)(loads, cfgs)
+    singles = np.vstack([build_features([ld], [c], profile) for ld, c in pairs])
+    np.testing.assert_allclose(batch, singles, rtol=1e-12)
+    assert batch.shape == (25, len(FEATURE_NAMES)) and np.isfinite(batch).all()
+
+
+# ------------------------------------------------------------------------------ designed space
+
+
+def test_sampler_is_seeded_and_covers_the_space(profile):
+    specs = sample_space(250, profile, seed=5)
+    assert specs[:40] == sample_space(40, profile, seed=5)
+    assert specs[:40] != sample_space(40, profile, seed=6)
+    n = np.array([s.n_adapters for s in specs])
+    assert n.min() < 8 and n.max() >= 1000
+    assert {s.shape for s in specs} == set(RATE_SHAPES)
+    ranks = {int(p.split(":")[0]) for s in specs for p in s.ranks.split(",")}
+    assert ranks == set(RANKS)
+    assert len({s.max_loras for s in specs} & set(MAX_LORAS_GRID)) >= 12
+    assert {s.lengths for s in specs} == {name for name, _, _ in length_menu(131072)}
+    assert len({s.max_num_seqs for s in specs}) >= 5
+    menu = {name: lm for name, lm, _ in length_menu(profile.max_model_len)}
+    ratios = []
+    for s in specs[:80]:
+        load, cfg = s.build(menu)
+        profile.check_feasible(cfg)  # every sampled config starts
+        assert cfg.max_lora_rank >= load.max_rank and cfg.max_cpu_loras >= cfg.max_loras
+        ratios.append(build_features([load], [cfg], profile)[0, COL["load_ratio"]])
+    assert min(ratios) < 0.25 and max(ratios) > 1.5 and np.median(ratios) < 1.2
+
+
+# ------------------------------------------------------------------------------ a small model
+
+
+@pytest.fixture(scope="module")
+def runs_table(profile):
+    """A few dozen short twin runs (the real training uses 3600 s windows)."""
+    specs = sample_space(48, profile, seed=2)
+    return run_samples(specs, profile, duration_s=240.0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def small_model(profile, runs_table):
+    return Surrogate(profile, n_estimators=40, min_child_samples=3).fit(
+        runs_table, runs_table
+    )
+
+
+def test_run_samples_gives_features_and_targets(runs_table):
+    assert len(runs_table) == 48
+    assert set(FEATURE_NAMES) | set(PREDICTED_METRICS) <= set(runs_table.columns)
+    assert runs_table["starved"].any() and not runs_table["starved"].all()
+    frac = runs_table["total_throughput_tps"] / runs_table["offered_total_tps"]
+    assert ((frac > 0) & (frac <= 1.0 + 1e-9)).all()
+
+
+def test_heavier_unsaturated_load_gets_more_throughput(profile, small_model):
+    cfg = EngineConfig(max_loras=16, max_cpu_loras=16, max_lora_rank=16, max_num_seqs=256)
+    light, heavier = _load(np.full(16, 0.05)), _load(np.full(16, 0.1))
+    out = small_model.predict([light, heavier], [cfg, cfg])
+    assert out[1]["total_throughput_tps"] > out[0]["total_throughput_tps"] > 0
+    assert out[1]["offered_total_tps"] == pytest.approx(heavier.offered_tokens_per_s())
+
+
+def test_implements_the_replica_predictor_contract(profile, small_model):
+    cfg = EngineConfig(max_loras=8, max_cpu_loras=40, max_lora_rank=16)
+    loads = [_load(np.full(40, q)) for q in (0.01, 1.0, 20.0)]
+    out = small_model.predict(loads, [cfg] * 3)
+    assert small_model.name == "surrogate" and len(out) == 3
+    for row in out:
+        assert tuple(row) == PREDICTED_METRICS
+        assert isinstance(row["starved"], bool)
+        assert all(isinstance(row[k], float) for k in PREDICTED_METRICS if k != "starved")
+    with pytest.raises(ValueError, match="differ in length"):
+        small_model.predict(loads, [cfg])
+
+
+def test_compiled_trees_match_lightgbm(runs_table, small_model):
+    x = runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float)
+    ours = small_model.raw_scores(x)
+    for j, name in enumerate(small_model.model_names):
+        ref = small_model.boosters_[name].predict(x, raw_score=True)
+        np.testing.assert_allclose(ours[:, j], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_save_load_round_trip(tmp_path, profile, runs_table, small_model):
+    small_model.save(tmp_path / "m")
+    again = Surrogate.load(tmp_path / "m")
+    assert again.profile.name == profile.name and again.model_names == small_model.model_names
+    x = runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float)
+    a, b = small_model.predict_arrays(x), again.predict_arrays(x)
+    for k in PREDICTED_METRICS:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_modes_and_macro_f1(profile, runs_table):
+    for target in ("fraction", "log"):
+        m = Surrogate(profile, n_estimators=10, throughput_target=target,
+                      starvation="fraction", min_child_samples=3).fit(runs_table, runs_table)
+        assert m.model_names[-1] != "starved"
+        pred = m.predict_arrays(runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float))
+        frac = pred["total_throughput_tps"] / pred["offered_total_tps"]
+        np.testing.assert_array_equal(pred["starved"], frac < 0.9)
+    with pytest.raises(SurrogateError, match="throughput_target"):
+        Surrogate(profile, throughput_target="linear")
+    assert macro_f1([True, False, True], [True, False, True]) == 1.0
+    assert macro_f1([True, True], [True, False]) == pytest.approx((1 / 1.5 + 0) / 2)
+
+
+# ------------------------------------------------------------------------------ where models live
+
+
+def test_load_surrogate_error_names_the_directory_and_command(tmp_path, monkeypatch):
+    shutil.copy(REPO_PROFILES_DIR / f"{PROFILE}.yaml", tmp_path / "mine.yaml")
+    monkeypatch.setenv("LORAFLEET_PROFILES", str(tmp_path))
+    assert surrogate_dir("mine") == tmp_path / "mine.surrogate"
+    with pytest.raises(SurrogateError) as err:
+        load_surrogate("mine")
+    assert str(tmp_path / "mine.surrogate") in str(err.value)
+    assert "lorafleet surrogate train --profile mine" in str(err.value)
+
+
+def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["surrogate", "train", "--profile", PROFILE, "--samples", "30", "--window",
+                 "120", "--workers", "1", "--seed", "4", "--out", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["n_samples"] == 30 and (out / "meta.yaml").exists()
+    assert (out / "samples.csv.gz").exists() and meta["window_s"] == 120
+    assert main(["surrogate", "eval", "--profile", PROFILE, "--dir", str(out), "--runs",
+                 "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["held_out"]["total_throughput_tps"]["n"] == meta["n_held_out"]
+
+
+def test_cli_eval_json_on_the_shipped_model(tmp_path, capsys):
+    runs = pd.read_csv(RUNS)
+    small = runs[(runs["model"] == PROFILE) & (runs["status"] == "ok")].head(6)
+    small.to_csv(tmp_path / "runs.csv", index=False)
+    assert main(["surrogate", "eval", "--profile", PROFILE, "--runs",
+                 str(tmp_path / "runs.csv"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    held = report["held_out"]
+    for metric in ("total_throughput_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                   "itl_p99_ms"):
+        assert set(held[metric]) >= {"smape", "n"} and held[metric]["n"] > 0
+    assert 0 <= held["starvation_macro_f1"] <= 1
+    real = report["real_runs"]
+    assert real["n_runs"] == 6 and real["total_throughput_tps"]["n"] == 6
+    assert {"smape", "n"} <= set(real["total_throughput_tps"])
+    assert "starvation_macro_f1" in real
+    assert report["predict_us_single"] > 0 and report["predict_ms_batch_1000"] > 0
+
+
+def test_cli_eval_without_a_model_exits_2(tmp_path, capsys, monkeypatch):
+    shutil.copy(REPO_PROFILES_DIR / f"{PROFILE}.yaml", tmp_path / "bare.yaml")
+    monkeypatch.setenv("LORAFLEET_PROFILES", str(tmp_path))
+    assert main(["surrogate", "eval", "--profile", "bare", "--runs", "none"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "lorafleet surrogate train --profile bare" in err

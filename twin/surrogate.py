@@ -1,0 +1,734 @@
+"""LightGBM surrogate of one replica: the twin's answer in microseconds, for placement's inner loop.
+
+``Surrogate`` follows scikit-learn's conventions (hyperparameters in ``__init__``, ``fit``
+returns self, fitted state in ``*_`` attributes) and implements ``twin.replica.ReplicaPredictor``.
+It predicts, for a (ReplicaLoad, EngineConfig), the replica's completed throughput (as a fraction
+of the offered load, or in log space), starvation (a classifier, or the predicted fraction below
+90 %), and TTFT / ITL p50 and p99 (log space), from ``twin.surrogate_features``.
+
+Speed: ``lightgbm.Booster.predict`` costs ~100 us per call and model, so the fitted trees are
+flattened into arrays and walked by one compiled kernel for all models at once
+(``predict_arrays``); the boosters stay the source of truth (saved as LightGBM text models,
+checked against the kernel in the tests).
+
+Models live next to their profile: ``profiles/NAME.yaml`` -> ``profiles/NAME.surrogate/`` (one
+LightGBM text model per target, ``meta.yaml``, and the twin runs they were trained on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from twin.calibrate import smape
+from twin.config import EngineConfig
+from twin.metrics import STARVATION_THRESHOLD
+from twin.profile import Profile, ProfileError, load_profile, profile_dirs
+from twin.replica import PREDICTED_METRICS, ReplicaLoad
+from twin.surrogate_features import FEATURE_NAMES, HAVE_NUMBA, FeatureBuilder, njit
+
+META_FORMAT_VERSION = 1
+LATENCY_TARGETS: tuple[str, ...] = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+THROUGHPUT_TARGETS: tuple[str, ...] = ("fraction", "log_fraction", "log", "log_vs_capacity")
+STARVATION_MODES: tuple[str, ...] = ("classifier", "fraction")
+_I_OFFERED = FEATURE_NAMES.index("offered_tps")
+_I_CAPACITY = FEATURE_NAMES.index("capacity_tps")
+_MIN_FRACTION = 1e-4  # floor of the completed fraction in log space (a replica that serves ~0)
+
+
+class SurrogateError(ValueError):
+    """A surrogate that is missing, stale or asked for something it cannot do."""
+
+
+# ------------------------------------------------------------------------------ the trees
+
+
+_ROW_BLOCK = 16  # rows walked together: independent walks overlap their memory latencies
+
+
+@njit(cache=True)
+def _walk_forest(x, feat, thr, leaf, tree_model, depth, out):
+    """out[i, m] = raw score of model m on row i: the sum of its trees' leaves.
+
+    Trees are stored complete (heap order, ``depth`` levels; a leaf above the last level is
+    repeated below splits that always go left), so every walk is ``depth`` branch-free steps
+    ``node = 2 node + 1 + (x > threshold)`` (LightGBM's ``x <= threshold`` goes left). Trees are
+    the outer loop, so one tree stays in cache across a batch, and a block of rows is walked
+    level by level, so the rows' dependent loads overlap.
+    """
+    out[:] = 0.0
+    first_leaf = (1 << depth) - 1
+    n = x.shape[0]
+    if n < _ROW_BLOCK:  # a few rows (placement's single calls): plain walks, no block set-up
+        for i in range(n):
+            for t in range(feat.shape[0]):
+                k = 0
+                for _ in range(depth):
+                    k = 2 * k + 1 + (x[i, feat[t, k]] > thr[t, k])
+                out[i, tree_model[t]] += leaf[t, k - first_leaf]
+        return
+    nodes = np.zeros(_ROW_BLOCK, np.int64)
+    for t in range(feat.shape[0]):
+        m = tree_model[t]
+        ft, th, lf = feat[t], thr[t], leaf[t]
+        for i0 in range(0, n, _ROW_BLOCK):
+            nb = min(_ROW_BLOCK, n - i0)
+            nodes[:nb] = 0
+            for _ in range(depth):
+                for r in range(nb):
+                    k = nodes[r]
+                    nodes[r] = 2 * k + 1 + (x[i0 + r, ft[k]] > th[k])
+            for r in range(nb):
+                out[i0 + r, m] += lf[nodes[r] - first_leaf]
+
+
+MAX_FOREST_DEPTH = 10  # deeper trees would make the complete layout too large: use LightGBM
+
+
+@dataclass(frozen=True)
+class _Forest:
+    """All trees of several boosters as complete trees in flat arrays (see ``_walk_forest``)."""
+
+    feat: np.ndarray  # int64 (trees, 2^depth - 1)
+    thr: np.ndarray  # float64 (trees, 2^depth - 1); +inf on padding splits
+    leaf: np.ndarray  # float64 (trees, 2^depth)
+    tree_model: np.ndarray  # int64 (trees,)
+    depth: int
+    n_models: int
+
+    @classmethod
+    def from_boosters(cls, boosters: Sequence[Any]) -> _Forest | None:
+        """The compiled layout, or None when a tree has what it does not model (categorical or
+        missing-value splits, depth > MAX_FOREST_DEPTH): LightGBM then predicts."""
+        trees = [(m, t["tree_structure"]) for m, b in enumerate(boosters)
+                 for t in b.dump_model()["tree_info"]]
+
+        def depth_of(node: dict[str, Any]) -> int:
+            if "leaf_value" in node:
+                return 0
+            return 1 + max(depth_of(node["left_child"]), depth_of(node["right_child"]))
+
+        depth = max([depth_of(t) for _, t in trees] + [1])
+        if depth > MAX_FOREST_DEPTH:
+            return None
+        n_split, n_leaf = (1 << depth) - 1, 1 << depth
+        feat = np.zeros((len(trees), n_split), np.int64)
+        thr = np.full((len(trees), n_split), np.inf)
+        leaf = np.zeros((len(trees), n_leaf))
+
+        def fill(t: int, node: dict[str, Any], pos: int, level: int) -> bool:
+            if "leaf_value" in node:
+                span = 1 << (depth - level)
+                first = (pos - ((1 << level) - 1)) * span
+                leaf[t, first:first + span] = node["leaf_value"]
+                return True
+            if node.get("decision_type", "<=") != "<=" or node.get("missing_type") != "None":
+                return False
+            feat[t, pos] = int(node["split_feature"])
+            thr[t, pos] = float(node["threshold"])
+            return fill(t, node["left_child"], 2 * pos + 1, level + 1) and fill(
+                t, node["right_child"], 2 * pos + 2, level + 1)
+
+        if not all(fill(t, tree, 0, 0) for t, (_, tree) in enumerate(trees)):
+            return None
+        return cls(feat=feat, thr=thr, leaf=leaf,
+                   tree_model=np.array([m for m, _ in trees], np.int64), depth=depth,
+                   n_models=len(boosters))
+
+    @property
+    def n_trees(self) -> int:
+        return int(self.feat.shape[0])
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        if np.isnan(x).any():  # LightGBM reads NaN as 0 on splits without missing values
+            x = np.where(np.isnan(x), 0.0, x)
+        out = np.empty((x.shape[0], self.n_models))
+        _walk_forest(x, self.feat, self.thr, self.leaf, self.tree_model, self.depth, out)
+        return out
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def completed_fraction(y: pd.DataFrame) -> np.ndarray:
+    """Completed / offered tokens of each twin run (what starvation is judged on)."""
+    offered = y["offered_total_tps"].to_numpy(float)
+    done = y["total_throughput_tps"].to_numpy(float)
+    return np.where(offered > 0, done / np.maximum(offered, 1e-12), 1.0)
+
+
+def _servable(x: np.ndarray) -> np.ndarray:
+    """What the analytic estimate says the replica completes: min(offered, capacity) tok/s."""
+    x = np.asarray(x, float)
+    return np.maximum(np.minimum(x[:, _I_OFFERED], x[:, _I_CAPACITY]), 1e-6)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+class Surrogate:
+    """LightGBM models of one profile's replica; a ``ReplicaPredictor`` named "surrogate"."""
+
+    name = "surrogate"
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        n_estimators: int = 100,
+        learning_rate: float = 0.1,
+        num_leaves: int = 15,
+        max_depth: int = 5,
+        min_child_samples: int = 10,
+        throughput_target: str = "log_vs_capacity",
+        starvation: str = "classifier",
+        seed: int = 0,
+        num_threads: int = 2,
+    ) -> None:
+        if throughput_target not in THROUGHPUT_TARGETS:
+            raise SurrogateError(
+                f"throughput_target: one of {list(THROUGHPUT_TARGETS)}, got {throughput_target!r}"
+            )
+        if starvation not in STARVATION_MODES:
+            raise SurrogateError(
+                f"starvation: one of {list(STARVATION_MODES)}, got {starvation!r}"
+            )
+        self.profile = profile
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.max_depth = max_depth
+        self.min_child_samples = min_child_samples
+        self.throughput_target = throughput_target
+        self.starvation = starvation
+        self.seed = seed
+        self.num_threads = num_threads
+        self._builder = FeatureBuilder(profile)
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Boosters in forest order: throughput, the four latencies, then the classifier."""
+        tail = ("starved",) if self.starvation == "classifier" else ()
+        return ("throughput", *LATENCY_TARGETS, *tail)
+
+    def _params(self, objective: str) -> dict[str, Any]:
+        return {
+            "objective": objective,
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "max_depth": self.max_depth,
+            "min_data_in_leaf": self.min_child_samples,
+            "feature_fraction": 0.9,
+            "bagging_fraction": 0.9,
+            "bagging_freq": 1,
+            "seed": self.seed,
+            "deterministic": True,
+            "num_threads": self.num_threads,
+            "verbose": -1,
+        }
+
+    def _throughput_y(self, x: np.ndarray, y: pd.DataFrame) -> np.ndarray:
+        frac = completed_fraction(y)
+        if self.throughput_target == "fraction":
+            return frac
+        if self.throughput_target == "log_fraction":
+            return np.log(np.maximum(frac, _MIN_FRACTION))
+        done = np.maximum(y["total_throughput_tps"].to_numpy(float), 1e-6)
+        if self.throughput_target == "log_vs_capacity":
+            return np.log(done / _servable(x))
+        return np.log(done)
+
+    def fit(self, X: pd.DataFrame, Y: pd.DataFrame) -> Surrogate:  # noqa: N803 - sklearn names
+        """Fit every model on twin runs: X has FEATURE_NAMES, Y the PREDICTED_METRICS columns."""
+        import lightgbm as lgb
+
+        missing = [c for c in FEATURE_NAMES if c not in X.columns]
+        missing += [c for c in PREDICTED_METRICS if c not in Y.columns]
+        if missing:
+            raise SurrogateError(f"fit: missing column(s) {missing}")
+        x = X.loc[:, list(FEATURE_NAMES)].to_numpy(float)
+        targets: dict[str, tuple[np.ndarray, str]] = {
+            "throughput": (self._throughput_y(x, Y), "regression"),
+            **{k: (np.log(Y[k].to_numpy(float)), "regression") for k in LATENCY_TARGETS},
+        }
+        if self.starvation == "classifier":
+            targets["starved"] = (Y["starved"].to_numpy(bool).astype(float), "binary")
+        boosters = []
+        for name in self.model_names:
+            y, objective = targets[name]
+            ok = np.isfinite(y)
+            data = lgb.Dataset(x[ok], y[ok], feature_name=list(FEATURE_NAMES),
+                               free_raw_data=True)
+            boosters.append(lgb.train(self._params(objective), data,
+                                      num_boost_round=self.n_estimators))
+        self._set_boosters(boosters)
+        self.n_train_ = int(len(x))
+        return self
+
+    def _set_boosters(self, boosters: list[Any]) -> None:
+        self.boosters_ = dict(zip(self.model_names, boosters, strict=True))
+        self.forest_ = _Forest.from_boosters(boosters) if HAVE_NUMBA else None
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def raw_scores(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """(n, models) raw tree sums, by the compiled walk (or LightGBM without numba)."""
+        x = np.ascontiguousarray(X, dtype=np.float64)
+        if self.forest_ is not None:
+            return self.forest_.raw(x)
+        return np.column_stack(
+            [self.boosters_[m].predict(x, raw_score=True) for m in self.model_names]
+        )
+
+    def predict_arrays(self, X: np.ndarray) -> dict[str, np.ndarray]:  # noqa: N803
+        """PREDICTED_METRICS as arrays for a feature matrix (columns FEATURE_NAMES)."""
+        raw = self.raw_scores(X)
+        offered = np.asarray(X, float)[:, _I_OFFERED]
+        if self.throughput_target == "fraction":
+            frac = np.clip(raw[:, 0], 0.0, 1.0)
+        elif self.throughput_target == "log_fraction":
+            frac = np.minimum(np.exp(raw[:, 0]), 1.0)
+        else:
+            scale = _servable(X) if self.throughput_target == "log_vs_capacity" else 1.0
+            frac = np.minimum(np.exp(raw[:, 0]) * scale / np.maximum(offered, 1e-12), 1.0)
+        if self.starvation == "classifier":
+            starved = raw[:, -1] > 0.0  # probability > 0.5
+        else:
+            starved = frac < STARVATION_THRESHOLD
+        out = {"total_throughput_tps": frac * offered, "offered_total_tps": offered}
+        for j, k in enumerate(LATENCY_TARGETS, start=1):
+            out[k] = np.exp(raw[:, j])
+        out["starved"] = starved
+        return out
+
+    def starvation_probability(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """P(starved) from the classifier (only in classifier mode)."""
+        if self.starvation != "classifier":
+            raise SurrogateError("starvation_probability: this surrogate has no classifier")
+        return _sigmoid(self.raw_scores(X)[:, -1])
+
+    def features(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> np.ndarray:
+        return self._builder(loads, configs)
+
+    def predict(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> list[dict[str, float]]:
+        """ReplicaPredictor: one dict of PREDICTED_METRICS per (load, config)."""
+        arrays = self.predict_arrays(self._builder(loads, configs))
+        columns = [arrays[k].tolist() for k in PREDICTED_METRICS]
+        return [dict(zip(PREDICTED_METRICS, row, strict=True)) for row in zip(*columns,
+                                                                                strict=True)]
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, directory: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
+        """LightGBM text models + meta.yaml into ``directory`` (created)."""
+        import lightgbm as lgb
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for name, booster in self.boosters_.items():
+            files[name] = f"{name}.txt"
+            booster.save_model(str(directory / files[name]))
+        meta = {
+            "format_version": META_FORMAT_VERSION,
+            "profile": self.profile.name,
+            "features": list(FEATURE_NAMES),
+            "models": files,
+            "throughput_target": self.throughput_target,
+            "starvation": self.starvation,
+            "params": {
+                "n_estimators": self.n_estimators,
+                "learning_rate": self.learning_rate,
+                "num_leaves": self.num_leaves,
+                "max_depth": self.max_depth,
+                "min_child_samples": self.min_child_samples,
+                "seed": self.seed,
+            },
+            "n_train": self.n_train_,
+            "lightgbm_version": lgb.__version__,
+            **(extra_meta or {}),
+        }
+        self.meta_ = _plain(meta)
+        (directory / "meta.yaml").write_text(yaml.safe_dump(self.meta_, sort_keys=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, profile: Profile | None = None) -> Surrogate:
+        """A saved surrogate; its profile by the name in meta.yaml unless given."""
+        import lightgbm as lgb
+
+        directory = Path(directory)
+        meta_path = directory / "meta.yaml"
+        if not meta_path.exists():
+            raise SurrogateError(f"{meta_path}: not found; not a surrogate directory")
+        meta = yaml.safe_load(meta_path.read_text())
+        if meta.get("format_version") != META_FORMAT_VERSION:
+            raise SurrogateError(f"{meta_path}: format_version {meta.get('format_version')} "
+                                 f"is not {META_FORMAT_VERSION}; retrain it")
+        if tuple(meta.get("features", ())) != FEATURE_NAMES:
+            raise SurrogateError(
+                f"{meta_path}: trained on other features than this lorafleet builds; retrain "
+                f"with `lorafleet surrogate train --profile {meta.get('profile')}`"
+            )
+        profile = profile if profile is not None else load_profile(meta["profile"])
+        params = meta.get("params", {})
+        model = cls(profile, throughput_target=meta["throughput_target"],
+                    starvation=meta["starvation"], **params)
+        boosters = [lgb.Booster(model_file=str(directory / meta["models"][name]))
+                    for name in model.model_names]
+        model._set_boosters(boosters)
+        model.n_train_ = int(meta.get("n_train", 0))
+        model.meta_ = meta
+        return model
+
+
+def _plain(obj: Any) -> Any:
+    """YAML-safe copy (numpy scalars -> Python, NaN -> None)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item"):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ------------------------------------------------------------------------------ where models live
+
+
+def surrogate_dir(profile_ref: str | Path) -> Path:
+    """``profiles/NAME.surrogate`` next to the profile's YAML (by name or by path)."""
+    candidate = Path(profile_ref)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate.with_suffix(".surrogate")
+    for d in profile_dirs():
+        if (d / f"{profile_ref}.yaml").exists():
+            return d / f"{profile_ref}.surrogate"
+    raise ProfileError(f"no profile named {str(profile_ref)!r} (searched "
+                       f"{[str(d) for d in profile_dirs()]})")
+
+
+def load_surrogate(profile_ref: str | Path) -> Surrogate:
+    """The shipped/trained surrogate of a profile, or an error naming the directory and command."""
+    directory = surrogate_dir(profile_ref)
+    if not (directory / "meta.yaml").exists():
+        raise SurrogateError(
+            f"no surrogate for profile {str(profile_ref)!r}: {directory} does not exist or has "
+            f"no meta.yaml; create it with `lorafleet surrogate train --profile {profile_ref}`"
+        )
+    return Surrogate.load(directory, load_profile(profile_ref))
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean F1 over the classes present in truth or prediction (scikit-learn's macro F1)."""
+    y_true = np.asarray(y_true, bool)
+    y_pred = np.asarray(y_pred, bool)
+    scores = []
+    for c in (False, True):
+        tp = int(np.sum((y_true == c) & (y_pred == c)))
+        fp = int(np.sum((y_true != c) & (y_pred == c)))
+        fn = int(np.sum((y_true == c) & (y_pred != c)))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def score(pred: dict[str, np.ndarray], truth: pd.DataFrame) -> dict[str, Any]:
+    """SMAPE per regression metric (all rows, and not-starved rows) and starvation macro-F1."""
+    starved = truth["starved"].to_numpy(bool)
+    out: dict[str, Any] = {}
+    for k in ("total_throughput_tps", *LATENCY_TARGETS):
+        y = truth[k].to_numpy(float)
+        p = np.asarray(pred[k], float)
+        ok = np.isfinite(y) & np.isfinite(p)
+        calm = ok & ~starved
+        out[k] = {
+            "smape": _r(smape(y[ok], p[ok])) if ok.any() else None, "n": int(ok.sum()),
+            "smape_not_starved": _r(smape(y[calm], p[calm])) if calm.any() else None,
+            "n_not_starved": int(calm.sum()),
+        }
+    out["starvation_macro_f1"] = _r(macro_f1(starved, pred["starved"]), 4)
+    return out
+
+
+def _r(x: float, nd: int = 3) -> float | None:
+    return round(float(x), nd) if x is not None and math.isfinite(x) else None
+
+
+def time_predictions(
+    model: Surrogate, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig],
+    repeats: int = 7,
+) -> dict[str, float]:
+    """Median wall times: one ``predict`` call (µs, averaged over the given mix of loads), a
+    batch of 1,000 through ``predict_arrays`` (ms, trees only) and through ``predict`` (ms,
+    features included)."""
+    pairs = list(zip(loads, configs, strict=True))
+    batch_loads = [loads[i % len(loads)] for i in range(1000)]
+    batch_cfgs = [configs[i % len(configs)] for i in range(1000)]
+    x = model.features(batch_loads, batch_cfgs)
+    model.predict(batch_loads[:2], batch_cfgs[:2])  # compile / warm
+
+    def one_by_one() -> None:
+        for load, cfg in pairs:
+            model.predict([load], [cfg])
+
+    def median_s(fn: Any, per_call: int) -> float:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0) / per_call)
+        return float(np.median(runs))
+
+    return {
+        "predict_us_single": round(median_s(one_by_one, len(pairs)) * 1e6, 2),
+        "predict_ms_batch_1000": round(median_s(lambda: model.predict_arrays(x), 1) * 1e3, 3),
+        "predict_ms_batch_1000_with_features": round(
+            median_s(lambda: model.predict(batch_loads, batch_cfgs), 1) * 1e3, 3
+        ),
+    }
+
+
+# ------------------------------------------------------------------------------ train / eval
+
+SAMPLES_FILE = "samples.csv.gz"
+HELD_OUT_FRACTION = 0.2
+
+
+def held_out_mask(n: int, seed: int, fraction: float = HELD_OUT_FRACTION) -> np.ndarray:
+    """Seeded random held-out rows (True = held out)."""
+    mask = np.zeros(n, bool)
+    mask[np.random.default_rng(seed).permutation(n)[: int(round(n * fraction))]] = True
+    return mask
+
+
+def _xy(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return table.loc[:, list(FEATURE_NAMES)], table.loc[:, list(PREDICTED_METRICS)]
+
+
+# Throughput targets that stay physical beyond the trained load range (a constant fraction of
+# the offered load would grow without bound on a more overloaded replica).
+EXTRAPOLATING_TARGETS: tuple[str, ...] = ("log_vs_capacity", "log")
+
+
+def select_modes(
+    table: pd.DataFrame, profile: Profile, seed: int,
+    candidates: Sequence[str] = EXTRAPOLATING_TARGETS, **params: Any,
+) -> dict[str, Any]:
+    """Throughput target and starvation mode with the best scores on a validation split of the
+    training rows (the held-out rows stay untouched for the reported accuracy)."""
+    val = held_out_mask(len(table), seed + 1)
+    xa, ya = _xy(table[~val])
+    xb, yb = _xy(table[val])
+    scores: dict[str, Any] = {}
+    best: tuple[float, str] | None = None
+    f1 = {}
+    for target in candidates:
+        model = Surrogate(profile, throughput_target=target, starvation="classifier",
+                          seed=seed, **params).fit(xa, ya)
+        pred = model.predict_arrays(xb.to_numpy(float))
+        err = smape(yb["total_throughput_tps"].to_numpy(float), pred["total_throughput_tps"])
+        frac = pred["total_throughput_tps"] / np.maximum(pred["offered_total_tps"], 1e-12)
+        f1[target] = {
+            "classifier": macro_f1(yb["starved"], pred["starved"]),
+            "fraction": macro_f1(yb["starved"], frac < STARVATION_THRESHOLD),
+        }
+        scores[target] = {"throughput_smape": _r(err), **{k: _r(v, 4) for k, v in
+                                                            f1[target].items()}}
+        if best is None or err < best[0]:
+            best = (err, target)
+    assert best is not None
+    target = best[1]
+    mode = max(STARVATION_MODES, key=lambda m: f1[target][m])
+    return {"throughput_target": target, "starvation": mode, "validation": scores}
+
+
+def read_samples(path: str | Path, profile: Profile, split: str | None = None) -> pd.DataFrame:
+    """A stored twin-run table (only its ``split`` rows if given) with its features recomputed
+    by this lorafleet."""
+    from twin.surrogate_data import SampleSpec, featurize
+
+    table = pd.read_csv(path)
+    if split is not None:
+        table = table[table["split"] == split].reset_index(drop=True)
+    specs = [SampleSpec.from_row(r) for r in table.to_dict("records")]
+    table.loc[:, list(FEATURE_NAMES)] = featurize(specs, profile)
+    table["starved"] = table["starved"].astype(bool)
+    return table
+
+
+def train_surrogate(
+    profile_ref: str,
+    *,
+    samples: int = 2000,
+    workers: int = 2,
+    seed: int = 0,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    duration_s: float = 3600.0,
+    progress: bool = False,
+    **params: Any,
+) -> dict[str, Any]:
+    """Generate twin runs (or reuse ``data``), fit, score on held-out runs, save; the meta."""
+    from twin.surrogate_data import run_samples, sample_space
+
+    profile = load_profile(profile_ref)
+    directory = Path(out) if out is not None else surrogate_dir(profile_ref)
+    t0 = time.perf_counter()
+    if data is not None:
+        table = read_samples(data, profile)
+        duration_s = float(table["spec_duration_s"].iloc[0])
+    else:
+        specs = sample_space(samples, profile, seed=seed, duration_s=duration_s)
+        table = run_samples(specs, profile, duration_s=duration_s, workers=workers,
+                            progress=progress)
+    t_twin = time.perf_counter() - t0
+    held = held_out_mask(len(table), seed)
+    train = table[~held].reset_index(drop=True)
+    modes = select_modes(train, profile, seed, **params)
+    model = Surrogate(profile, throughput_target=modes["throughput_target"],
+                      starvation=modes["starvation"], seed=seed, **params)
+    model.fit(*_xy(train))
+    t_fit = time.perf_counter() - t0 - t_twin
+    xh, yh = _xy(table[held])
+    held_scores = score(model.predict_arrays(xh.to_numpy(float)), yh)
+    meta = {
+        "n_samples": int(len(table)),
+        "n_held_out": int(held.sum()),
+        "seed": seed,
+        "window_s": duration_s,
+        "twin_runs_wall_s": round(t_twin, 1) if data is None else None,
+        "twin_runs_cpu_s": round(float(table["twin_wall_s"].sum()), 1),
+        "fit_wall_s": round(t_fit, 1),
+        "data": SAMPLES_FILE,
+        "twin_commit": _git_commit(),
+        "selection": modes["validation"],
+        "held_out": held_scores,
+    }
+    model.save(directory, meta)
+    table.assign(split=np.where(held, "held_out", "train")).to_csv(
+        directory / SAMPLES_FILE, index=False
+    )
+    return {"directory": str(directory), **model.meta_}
+
+
+def _git_commit() -> str | None:
+    """The repository commit the twin runs came from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _real_run_cap_bound(row: pd.Series) -> bool | None:
+    """Whether the run's load generator cap was reached (None when the table cannot tell)."""
+    from twin.validate import REFERENCE_CLIENT_MAX_INFLIGHT, run_client_cap
+
+    cap = run_client_cap(row, REFERENCE_CLIENT_MAX_INFLIGHT)
+    if cap is None:
+        return False
+    cols = ("prom_max_num_waiting", "prom_max_num_running")
+    if not all(c in row.index and np.isfinite(float(row[c])) for c in cols):
+        return None
+    return bool(row[cols[0]] + row[cols[1]] >= 0.9 * cap)
+
+
+REAL_LATENCY_COLUMNS = {
+    "ttft_p50_ms": "ttft_median_ms", "ttft_p99_ms": "ttft_p99_ms",
+    "itl_p50_ms": "itl_median_ms", "itl_p99_ms": "itl_p99_ms",
+}
+
+
+def evaluate_real_runs(
+    model: Surrogate, runs_path: str | Path, seed: int = 0
+) -> tuple[dict[str, Any], list[ReplicaLoad], list[EngineConfig]]:
+    """Surrogate vs measured runs of this profile's model (rebuilt exactly as ``validate``)."""
+    from twin.validate import load_runs, measured_starved, run_seed, run_workload
+
+    runs = load_runs(runs_path)
+    runs = runs[runs["model"] == model.profile.name].reset_index(drop=True)
+    loads, configs = [], []
+    for _, row in runs.iterrows():
+        workload, config = run_workload(row, run_seed(row, seed))
+        loads.append(ReplicaLoad.from_workload(workload))
+        configs.append(config)
+    out: dict[str, Any] = {"n_runs": int(len(runs))}
+    if not len(runs):
+        out.update({"total_throughput_tps": {"smape": None, "n": 0},
+                    "starvation_macro_f1": None})
+        return out, loads, configs
+    pred = model.predict_arrays(model.features(loads, configs))
+    measured = runs["total_throughput_tps"].to_numpy(float)
+    starved = np.array([measured_starved(r) for _, r in runs.iterrows()])
+    bound = np.array([_real_run_cap_bound(r) for _, r in runs.iterrows()], dtype=object)
+    free = np.array([b is False for b in bound])
+    thr = pred["total_throughput_tps"]
+    out["total_throughput_tps"] = {"smape": _r(smape(measured, thr)), "n": int(len(runs))}
+    out["total_throughput_tps_cap_not_reached"] = {
+        "smape": _r(smape(measured[free], thr[free])) if free.any() else None,
+        "n": int(free.sum()),
+    }
+    out["starvation_macro_f1"] = _r(macro_f1(starved, pred["starved"]), 4)
+    out["starvation_accuracy"] = _r(float(np.mean(starved == pred["starved"])), 4)
+    for k, col in REAL_LATENCY_COLUMNS.items():
+        y = runs[col].to_numpy(float) if col in runs.columns else np.full(len(runs), np.nan)
+        ok = np.isfinite(y) & ~starved
+        out[f"{k}_not_starved"] = {
+            "smape": _r(smape(y[ok], pred[k][ok])) if ok.any() else None, "n": int(ok.sum()),
+        }
+    return out, loads, configs
+
+
+def evaluate_surrogate(
+    profile_ref: str,
+    runs: str | Path | None,
+    *,
+    directory: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Held-out twin runs, real runs and speed of a trained surrogate (the `eval` report)."""
+    from twin.surrogate_data import SampleSpec, length_menu
+
+    if directory is None:
+        model, directory = load_surrogate(profile_ref), surrogate_dir(profile_ref)
+    else:
+        model, directory = Surrogate.load(directory, load_profile(profile_ref)), Path(directory)
+    held = read_samples(directory / model.meta_.get("data", SAMPLES_FILE), model.profile,
+                        split="held_out")
+    xh, yh = _xy(held)
+    report: dict[str, Any] = {
+        "profile": model.profile.name,
+        "n_train": model.n_train_,
+        "held_out": score(model.predict_arrays(xh.to_numpy(float)), yh),
+    }
+    if runs is not None:
+        report["real_runs"], _, _ = evaluate_real_runs(model, runs, seed)
+    menu = {name: lm for name, lm, _ in length_menu(model.profile.max_model_len)}
+    pairs = [SampleSpec.from_row(r).build(menu) for r in held.head(200).to_dict("records")]
+    report.update(time_predictions(model, [p[0] for p in pairs], [p[1] for p in pairs]))
+    report["n_trees"] = sum(b.num_trees() for b in model.boosters_.values())
+    return report
