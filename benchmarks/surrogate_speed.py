@@ -40,7 +40,8 @@ def main() -> None:
                 **times,
                 "loads": len(loads),
                 "median_adapters": int(np.median([ld.n_adapters for ld in loads])),
-                "trees": int(len(model.forest_.roots)) if model.forest_ is not None else None,
+                "trees": sum(b.num_trees() for b in model.boosters_.values()),
+                "compiled_trees": model.forest_ is not None,
                 "models": list(model.model_names),
             }
         )

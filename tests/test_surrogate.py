@@ -168,8 +168,18 @@ def test_implements_the_replica_predictor_contract(profile, small_model):
         small_model.predict(loads, [cfg])
 
 
-def test_compiled_trees_match_lightgbm(runs_table, small_model):
-    x = runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float)
+def test_a_replica_with_no_traffic_serves_nothing_and_is_not_starved(small_model):
+    cfg = EngineConfig(max_loras=4, max_cpu_loras=4, max_lora_rank=16)
+    (out,) = small_model.predict([_load(np.zeros(4))], [cfg])
+    assert out["total_throughput_tps"] == 0 and out["offered_total_tps"] == 0
+    assert out["starved"] is False
+
+
+@pytest.mark.parametrize("rows", [1, 48, 200])  # single walks, and the parallel block walk
+def test_compiled_trees_match_lightgbm(runs_table, small_model, rows):
+    x = np.resize(runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float),
+                  (rows, len(FEATURE_NAMES)))
+    assert small_model.forest_ is not None
     ours = small_model.raw_scores(x)
     for j, name in enumerate(small_model.model_names):
         ref = small_model.boosters_[name].predict(x, raw_score=True)

@@ -2,12 +2,14 @@
 
 ``Surrogate`` follows scikit-learn's conventions (hyperparameters in ``__init__``, ``fit``
 returns self, fitted state in ``*_`` attributes) and implements ``twin.replica.ReplicaPredictor``.
-It predicts, for a (ReplicaLoad, EngineConfig), the replica's completed throughput (as a fraction
-of the offered load, or in log space), starvation (a classifier, or the predicted fraction below
-90 %), and TTFT / ITL p50 and p99 (log space), from ``twin.surrogate_features``.
+It predicts, for a (ReplicaLoad, EngineConfig), the replica's completed throughput (by default
+in log space relative to min(offered, analytic capacity), which stays physical beyond the trained
+load range), starvation (a classifier, or the predicted completed fraction below 90 %), and
+TTFT / ITL p50 and p99 (log space), from ``twin.surrogate_features``. ``train_surrogate`` picks
+the throughput target and starvation mode by cross-validation; docs/surrogate.md has the numbers.
 
 Speed: ``lightgbm.Booster.predict`` costs ~100 us per call and model, so the fitted trees are
-flattened into arrays and walked by one compiled kernel for all models at once
+re-laid as complete trees in flat arrays and walked by one compiled kernel for all models at once
 (``predict_arrays``); the boosters stay the source of truth (saved as LightGBM text models,
 checked against the kernel in the tests).
 
@@ -33,7 +35,7 @@ from twin.config import EngineConfig
 from twin.metrics import STARVATION_THRESHOLD
 from twin.profile import Profile, ProfileError, load_profile, profile_dirs
 from twin.replica import PREDICTED_METRICS, ReplicaLoad
-from twin.surrogate_features import FEATURE_NAMES, HAVE_NUMBA, FeatureBuilder, njit
+from twin.surrogate_features import FEATURE_NAMES, HAVE_NUMBA, FeatureBuilder, njit, prange
 
 META_FORMAT_VERSION = 1
 LATENCY_TARGETS: tuple[str, ...] = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
@@ -52,6 +54,7 @@ class SurrogateError(ValueError):
 
 
 _ROW_BLOCK = 16  # rows walked together: independent walks overlap their memory latencies
+PARALLEL_ROWS = 64  # from this many rows on, blocks of rows are spread over the cores
 
 
 @njit(cache=True)
@@ -60,34 +63,38 @@ def _walk_forest(x, feat, thr, leaf, tree_model, depth, out):
 
     Trees are stored complete (heap order, ``depth`` levels; a leaf above the last level is
     repeated below splits that always go left), so every walk is ``depth`` branch-free steps
-    ``node = 2 node + 1 + (x > threshold)`` (LightGBM's ``x <= threshold`` goes left). Trees are
-    the outer loop, so one tree stays in cache across a batch, and a block of rows is walked
-    level by level, so the rows' dependent loads overlap.
+    ``node = 2 node + 1 + (x > threshold)`` (LightGBM's ``x <= threshold`` goes left).
     """
     out[:] = 0.0
     first_leaf = (1 << depth) - 1
+    for i in range(x.shape[0]):
+        for t in range(feat.shape[0]):
+            k = 0
+            for _ in range(depth):
+                k = 2 * k + 1 + (x[i, feat[t, k]] > thr[t, k])
+            out[i, tree_model[t]] += leaf[t, k - first_leaf]
+
+
+@njit(cache=True, parallel=True)
+def _walk_forest_blocks(x, feat, thr, leaf, tree_model, depth, out):
+    """``_walk_forest`` for batches: blocks of rows in parallel, each block walked level by
+    level across its rows so their dependent loads overlap."""
+    out[:] = 0.0
+    first_leaf = (1 << depth) - 1
     n = x.shape[0]
-    if n < _ROW_BLOCK:  # a few rows (placement's single calls): plain walks, no block set-up
-        for i in range(n):
-            for t in range(feat.shape[0]):
-                k = 0
-                for _ in range(depth):
-                    k = 2 * k + 1 + (x[i, feat[t, k]] > thr[t, k])
-                out[i, tree_model[t]] += leaf[t, k - first_leaf]
-        return
-    nodes = np.zeros(_ROW_BLOCK, np.int64)
-    for t in range(feat.shape[0]):
-        m = tree_model[t]
-        ft, th, lf = feat[t], thr[t], leaf[t]
-        for i0 in range(0, n, _ROW_BLOCK):
-            nb = min(_ROW_BLOCK, n - i0)
-            nodes[:nb] = 0
+    n_blocks = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    for b in prange(n_blocks):
+        i0 = b * _ROW_BLOCK
+        nb = min(_ROW_BLOCK, n - i0)
+        nodes = np.zeros(_ROW_BLOCK, np.int64)
+        for t in range(feat.shape[0]):
+            nodes[:] = 0
             for _ in range(depth):
                 for r in range(nb):
                     k = nodes[r]
-                    nodes[r] = 2 * k + 1 + (x[i0 + r, ft[k]] > th[k])
+                    nodes[r] = 2 * k + 1 + (x[i0 + r, feat[t, k]] > thr[t, k])
             for r in range(nb):
-                out[i0 + r, m] += lf[nodes[r] - first_leaf]
+                out[i0 + r, tree_model[t]] += leaf[t, nodes[r] - first_leaf]
 
 
 MAX_FOREST_DEPTH = 10  # deeper trees would make the complete layout too large: use LightGBM
@@ -151,7 +158,8 @@ class _Forest:
         if np.isnan(x).any():  # LightGBM reads NaN as 0 on splits without missing values
             x = np.where(np.isnan(x), 0.0, x)
         out = np.empty((x.shape[0], self.n_models))
-        _walk_forest(x, self.feat, self.thr, self.leaf, self.tree_model, self.depth, out)
+        walk = _walk_forest_blocks if x.shape[0] >= PARALLEL_ROWS else _walk_forest
+        walk(x, self.feat, self.thr, self.leaf, self.tree_model, self.depth, out)
         return out
 
 
@@ -186,8 +194,8 @@ class Surrogate:
         *,
         n_estimators: int = 100,
         learning_rate: float = 0.1,
-        num_leaves: int = 15,
-        max_depth: int = 5,
+        num_leaves: int = 31,
+        max_depth: int = 6,
         min_child_samples: int = 10,
         throughput_target: str = "log_vs_capacity",
         starvation: str = "classifier",
@@ -294,23 +302,26 @@ class Surrogate:
     def predict_arrays(self, X: np.ndarray) -> dict[str, np.ndarray]:  # noqa: N803
         """PREDICTED_METRICS as arrays for a feature matrix (columns FEATURE_NAMES)."""
         raw = self.raw_scores(X)
-        offered = np.asarray(X, float)[:, _I_OFFERED]
+        x = np.asarray(X, float)
+        offered = x[:, _I_OFFERED]
         if self.throughput_target == "fraction":
             frac = np.clip(raw[:, 0], 0.0, 1.0)
         elif self.throughput_target == "log_fraction":
             frac = np.minimum(np.exp(raw[:, 0]), 1.0)
         else:
-            scale = _servable(X) if self.throughput_target == "log_vs_capacity" else 1.0
+            scale = _servable(x) if self.throughput_target == "log_vs_capacity" else 1.0
             frac = np.minimum(np.exp(raw[:, 0]) * scale / np.maximum(offered, 1e-12), 1.0)
         if self.starvation == "classifier":
             starved = raw[:, -1] > 0.0  # probability > 0.5
         else:
             starved = frac < STARVATION_THRESHOLD
-        out = {"total_throughput_tps": frac * offered, "offered_total_tps": offered}
-        for j, k in enumerate(LATENCY_TARGETS, start=1):
-            out[k] = np.exp(raw[:, j])
-        out["starved"] = starved
-        return out
+        latency = np.exp(raw[:, 1 : 1 + len(LATENCY_TARGETS)])
+        return {
+            "total_throughput_tps": frac * offered,
+            "offered_total_tps": offered,
+            **{k: latency[:, j] for j, k in enumerate(LATENCY_TARGETS)},
+            "starved": starved & (offered > 0),  # nothing offered, nothing starved (as the twin)
+        }
 
     def starvation_probability(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         """P(starved) from the classifier (only in classifier mode)."""
@@ -492,19 +503,22 @@ def time_predictions(
         for load, cfg in pairs:
             model.predict([load], [cfg])
 
-    def median_s(fn: Any, per_call: int) -> float:
+    def median_s(fn: Any, per_repeat: int, calls: int = 1) -> float:
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t0) / per_call)
+            for _ in range(calls):
+                fn()
+            runs.append((time.perf_counter() - t0) / (per_repeat * calls))
         return float(np.median(runs))
 
     return {
         "predict_us_single": round(median_s(one_by_one, len(pairs)) * 1e6, 2),
-        "predict_ms_batch_1000": round(median_s(lambda: model.predict_arrays(x), 1) * 1e3, 3),
+        "predict_ms_batch_1000": round(
+            median_s(lambda: model.predict_arrays(x), 1, calls=20) * 1e3, 3
+        ),
         "predict_ms_batch_1000_with_features": round(
-            median_s(lambda: model.predict(batch_loads, batch_cfgs), 1) * 1e3, 3
+            median_s(lambda: model.predict(batch_loads, batch_cfgs), 1, calls=5) * 1e3, 3
         ),
     }
 
@@ -531,34 +545,37 @@ def _xy(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 EXTRAPOLATING_TARGETS: tuple[str, ...] = ("log_vs_capacity", "log")
 
 
+SELECTION_FOLDS = 4
+
+
 def select_modes(
     table: pd.DataFrame, profile: Profile, seed: int,
     candidates: Sequence[str] = EXTRAPOLATING_TARGETS, **params: Any,
 ) -> dict[str, Any]:
-    """Throughput target and starvation mode with the best scores on a validation split of the
-    training rows (the held-out rows stay untouched for the reported accuracy)."""
-    val = held_out_mask(len(table), seed + 1)
-    xa, ya = _xy(table[~val])
-    xb, yb = _xy(table[val])
+    """Throughput target and starvation mode with the best out-of-fold scores of a k-fold split
+    of the training rows (the held-out rows stay untouched for the reported accuracy)."""
+    fold = np.random.default_rng(seed + 1).permutation(len(table)) % SELECTION_FOLDS
+    x, y = _xy(table)
+    starved = y["starved"].to_numpy(bool)
     scores: dict[str, Any] = {}
-    best: tuple[float, str] | None = None
-    f1 = {}
+    f1: dict[str, dict[str, float]] = {}
     for target in candidates:
-        model = Surrogate(profile, throughput_target=target, starvation="classifier",
-                          seed=seed, **params).fit(xa, ya)
-        pred = model.predict_arrays(xb.to_numpy(float))
-        err = smape(yb["total_throughput_tps"].to_numpy(float), pred["total_throughput_tps"])
-        frac = pred["total_throughput_tps"] / np.maximum(pred["offered_total_tps"], 1e-12)
-        f1[target] = {
-            "classifier": macro_f1(yb["starved"], pred["starved"]),
-            "fraction": macro_f1(yb["starved"], frac < STARVATION_THRESHOLD),
+        thr = np.empty(len(table))
+        clf = np.empty(len(table), bool)
+        for k in range(SELECTION_FOLDS):
+            train, val = fold != k, fold == k
+            model = Surrogate(profile, throughput_target=target, starvation="classifier",
+                              seed=seed, **params).fit(x[train], y[train])
+            pred = model.predict_arrays(x[val].to_numpy(float))
+            thr[val], clf[val] = pred["total_throughput_tps"], pred["starved"]
+        frac = thr / np.maximum(x["offered_tps"].to_numpy(float), 1e-12)
+        f1[target] = {"classifier": macro_f1(starved, clf),
+                      "fraction": macro_f1(starved, frac < STARVATION_THRESHOLD)}
+        scores[target] = {
+            "throughput_smape": _r(smape(y["total_throughput_tps"].to_numpy(float), thr)),
+            **{m: _r(v, 4) for m, v in f1[target].items()},
         }
-        scores[target] = {"throughput_smape": _r(err), **{k: _r(v, 4) for k, v in
-                                                            f1[target].items()}}
-        if best is None or err < best[0]:
-            best = (err, target)
-    assert best is not None
-    target = best[1]
+    target = min(candidates, key=lambda t: scores[t]["throughput_smape"])
     mode = max(STARVATION_MODES, key=lambda m: f1[target][m])
     return {"throughput_target": target, "starvation": mode, "validation": scores}
 
@@ -598,10 +615,13 @@ def train_surrogate(
     if data is not None:
         table = read_samples(data, profile)
         duration_s = float(table["spec_duration_s"].iloc[0])
+        provenance = _data_provenance(Path(data))
     else:
+        provenance = {"twin_commit": _git_commit(), "twin_workers": workers}
         specs = sample_space(samples, profile, seed=seed, duration_s=duration_s)
         table = run_samples(specs, profile, duration_s=duration_s, workers=workers,
                             progress=progress)
+        provenance["twin_runs_wall_s"] = round(time.perf_counter() - t0, 1)
     t_twin = time.perf_counter() - t0
     held = held_out_mask(len(table), seed)
     train = table[~held].reset_index(drop=True)
@@ -617,11 +637,10 @@ def train_surrogate(
         "n_held_out": int(held.sum()),
         "seed": seed,
         "window_s": duration_s,
-        "twin_runs_wall_s": round(t_twin, 1) if data is None else None,
+        **provenance,
         "twin_runs_cpu_s": round(float(table["twin_wall_s"].sum()), 1),
         "fit_wall_s": round(t_fit, 1),
         "data": SAMPLES_FILE,
-        "twin_commit": _git_commit(),
         "selection": modes["validation"],
         "held_out": held_scores,
     }
@@ -630,6 +649,16 @@ def train_surrogate(
         directory / SAMPLES_FILE, index=False
     )
     return {"directory": str(directory), **model.meta_}
+
+
+_PROVENANCE_KEYS = ("twin_runs_wall_s", "twin_workers", "twin_commit")
+
+
+def _data_provenance(data: Path) -> dict[str, Any]:
+    """How reused twin runs were made: from the meta.yaml next to them (None where unknown)."""
+    meta_path = data.parent / "meta.yaml"
+    meta = yaml.safe_load(meta_path.read_text()) if meta_path.exists() else {}
+    return {k: (meta or {}).get(k) for k in _PROVENANCE_KEYS}
 
 
 def _git_commit() -> str | None:

@@ -14,6 +14,11 @@ a fixed cost ``c0``; at a batch of ``B`` decoding requests the engine completes
 ``1000 B / (O c0 + B w)`` requests/s, largest at the batch that memory, ``max_num_seqs`` and the
 token budget allow. It ignores queueing, preemption and the LoRA admission rule — the trees
 learn those — but it puts "how loaded is this replica" on one axis.
+
+The LoRA admission rule gets its own summaries, because it decides latency where more adapters
+are active than there are slots: an adapter leaves the slot set only when it has no running
+request, so adapters busy almost all the time lock their slots and the rest wait for the hottest
+ones to go idle (``locking_per_slot``, ``slot_turnover_per_s``, ``slot_wait_est_s``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from twin.profile import Profile
 from twin.replica import ReplicaLoad
 
 try:  # numba ships with vLLM; without it the kernel runs as (slow but identical) Python
-    from numba import njit
+    from numba import njit, prange
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is missing
@@ -39,6 +44,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
         if args and callable(args[0]):
             return args[0]
         return lambda f: f
+
+    prange = range
 
 
 FEATURE_NAMES: tuple[str, ...] = (
