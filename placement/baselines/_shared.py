@@ -12,7 +12,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from placement.common import ReplicaSpec, WorkloadIndex, build_plan, specs_feasible
+from placement.common import (
+    ReplicaSpec,
+    WorkloadIndex,
+    build_plan,
+    check_servable,
+    specs_feasible,
+)
 from placement.errors import PlacementError
 from placement.lower_bound import compute_lower_bound
 from placement.plan import Plan
@@ -30,12 +36,14 @@ from twin.workload import Workload
 SCAN_WINDOW = 8  # counts search_count tries one by one next to the bound and its answer
 
 
-def with_bound(workload: Workload, ctx: PlacementContext, index: WorkloadIndex
-               ) -> PlacementContext:
-    """``ctx`` carrying the lower bound (computed once here when the planner did not)."""
-    if ctx.lower_bound is not None:
-        return ctx
-    return replace(ctx, lower_bound=compute_lower_bound(workload, ctx, index=index))
+def prepare(workload: Workload, ctx: PlacementContext) -> tuple[WorkloadIndex, PlacementContext]:
+    """Every baseline's first step: reject unservable workloads, index the adapters, and carry
+    the lower bound on the context (computed once here when the planner did not)."""
+    check_servable(workload, ctx)
+    index = WorkloadIndex(workload)
+    if ctx.lower_bound is None:
+        ctx = replace(ctx, lower_bound=compute_lower_bound(workload, ctx, index=index))
+    return index, ctx
 
 
 def slot_ranks(index: WorkloadIndex) -> np.ndarray:

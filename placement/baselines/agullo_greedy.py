@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.baselines._shared import finish, replicate_hot, slot_ranks, with_bound
-from placement.common import ReplicaSpec, WorkloadIndex, check_servable
+from placement.baselines._shared import finish, prepare, replicate_hot, slot_ranks
+from placement.common import ReplicaSpec, WorkloadIndex
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from placement.replica_optimum import optimise
@@ -49,9 +49,7 @@ class AgulloGreedyPolicy:
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
         started = time.perf_counter()
-        check_servable(workload, ctx)
-        index = WorkloadIndex(workload)
-        ctx = with_bound(workload, ctx, index)
+        index, ctx = prepare(workload, ctx)
         hot = replicate_hot(index, ctx)
         specs = list(hot.dedicated)
         queue = greedy_order(index, hot.rest)

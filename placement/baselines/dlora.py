@@ -50,8 +50,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from placement.baselines._shared import finish, search_count, with_bound
-from placement.common import ReplicaSpec, WorkloadIndex, check_servable
+from placement.baselines._shared import finish, prepare, search_count
+from placement.common import ReplicaSpec, WorkloadIndex
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from placement.replica_optimum import optimise
@@ -83,9 +83,7 @@ class DLoraPolicy:
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
         started = time.perf_counter()
-        check_servable(workload, ctx)
-        index = WorkloadIndex(workload)
-        ctx = with_bound(workload, ctx, index)
+        index, ctx = prepare(workload, ctx)
         rounds_ctx = replace(ctx, headroom_tolerance=max(ctx.headroom_tolerance, ROUND_TOLERANCE))
 
         def assign(n: int) -> list[ReplicaSpec]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from placement.baselines._shared import finish, replicate_hot, search_count, with_bound
-from placement.common import ReplicaSpec, WorkloadIndex, check_servable, lpt_assign
+from placement.baselines._shared import finish, prepare, replicate_hot, search_count
+from placement.common import ReplicaSpec, lpt_assign
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from twin.workload import Workload
@@ -28,9 +28,7 @@ class LeastLoadedPolicy:
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
         started = time.perf_counter()
-        check_servable(workload, ctx)
-        index = WorkloadIndex(workload)
-        ctx = with_bound(workload, ctx, index)
+        index, ctx = prepare(workload, ctx)
         hot = replicate_hot(index, ctx)
         specs = list(hot.dedicated)
         rest = hot.rest

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.baselines._shared import finish, search_count, slot_ranks, with_bound
-from placement.common import ReplicaSpec, WorkloadIndex, check_servable
+from placement.baselines._shared import finish, prepare, search_count, slot_ranks
+from placement.common import ReplicaSpec
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from twin.workload import Workload
@@ -57,9 +57,7 @@ class LoraServePolicy:
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
         started = time.perf_counter()
-        check_servable(workload, ctx)
-        index = WorkloadIndex(workload)
-        ctx = with_bound(workload, ctx, index)
+        index, ctx = prepare(workload, ctx)
         slot = slot_ranks(index)
         demand = index.offered_tps
         ops = operating_points(ctx, sorted(set(slot.tolist())))
