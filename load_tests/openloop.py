@@ -39,6 +39,7 @@ from orchestrator.live_bench import (
     _jsonable,
     _machine_label,
     append_row,
+    dispatch_open_loop,
     measured_metrics,
 )
 from twin.workload import RequestBatch, Workload, generate_requests
@@ -166,13 +167,6 @@ async def run_openloop(
 
         tasks: list[asyncio.Task] = []
 
-        async def dispatch() -> None:
-            for i in range(n):
-                delay = t0 + float(batch.arrival_s[i]) - clock()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i)))
-
         async def report() -> None:
             every = max(5.0, duration_s / 6)
             while True:
@@ -180,7 +174,9 @@ async def run_openloop(
                 progress(f"t={clock() - t0:4.0f}/{duration_s:g} s  sent {len(tasks)}/{n}  "
                          f"done {int(np.isfinite(finish).sum())}  failed {int(failed.sum())}")
 
-        dispatcher = asyncio.create_task(dispatch())
+        dispatcher = asyncio.create_task(
+            dispatch_open_loop(batch.arrival_s, t0, clock, one, tasks)
+        )
         reporter = asyncio.create_task(report())
         await asyncio.sleep(max(0.0, t0 + duration_s - clock()))
         reporter.cancel()
