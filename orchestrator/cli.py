@@ -149,7 +149,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     console.print(
         f"held-out steps: {ho['steps']:,}  MAPE {ho['mape_pct']:.2f} %  SMAPE "
         f"{ho['smape_pct']:.2f} %  (train {report['train']['steps']:,} steps, "
-        f"SMAPE {report['train']['smape_pct']:.2f} %)"
+        f"SMAPE {report['train']['smape_pct']:.2f} %); a constant step time would score "
+        f"SMAPE {report['held_out_constant']['smape_pct']:.2f} %"
     )
     console.print(f"wrote [bold]{out}[/]")
     return 0

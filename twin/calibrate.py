@@ -209,6 +209,12 @@ def fit_step_model(
         "held_out_runs": sorted(f"{s}/{r}" for s, r in held),
         "train": _errors(y[train], pred[train]),
         "held_out": _errors(y[is_test], pred[is_test]) if is_test.any() else None,
+        # what predicting every held-out step at the training steps' median would score: the
+        # yardstick for how much of the step-time variation the model explains
+        "held_out_constant": (
+            _errors(y[is_test], np.full(int(is_test.sum()), np.median(y[train])))
+            if is_test.any() else None
+        ),
         "held_out_by_sweep": [],
     }
     for sweep in sorted(features["sweep"].unique()):
