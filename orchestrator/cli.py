@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_surrogate_parser(sub)
     add_deploy_parser(sub)
+    from orchestrator.controller_cli import add_parser as add_controller_parser
+
+    add_controller_parser(sub)
 
     from orchestrator.demo import add_arguments as add_demo_arguments
 
@@ -412,9 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         CalibrationError, ValidationError,
     )
     try:
+        from orchestrator.adapter_registry import RegistryError
+        from orchestrator.controller import ControllerError
+        from orchestrator.deploy import DeployError
+        from orchestrator.serving_spec import SpecError
+        from placement.errors import PlacementError
         from twin.workload import WorkloadError
 
-        user_errors = (*user_errors, WorkloadError)
+        user_errors = (*user_errors, WorkloadError, DeployError, RegistryError, SpecError,
+                       PlacementError, ControllerError)
         return int(args.func(args) or 0)
     except user_errors as exc:
         err_console.print(f"[bold red]error:[/] {exc}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import subprocess
@@ -73,7 +74,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
     from load_tests.openloop import build_openloop_row, run_openloop
-    from orchestrator.deploy import DeployError, deploy, free_port, shutdown
+    from orchestrator.controller import ControllerSettings
+    from orchestrator.deploy import DeployError, controller_status, deploy, free_port, shutdown
+    from orchestrator.deploy_cli import print_controller
     from orchestrator.live_bench import append_row
     from orchestrator.serving_spec import ServingSpec
     from placement.plan import Plan
@@ -108,7 +111,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     try:
         with err.status("deploying...") as status:
+            # the controller watches (drift, live vs twin) but applies nothing: the demo
+            # measures the plan it deployed
             state = deploy(spec, address=None, port=port, state_dir=state_dir,
+                           settings=ControllerSettings(auto_apply=False),
                            progress=lambda m: status.update(m))
         timings["deploy_s"] = time.perf_counter() - t
         err.print(f"deployed {len(state.replicas)} {args.engine} replica(s) at {state.url} in "
@@ -117,6 +123,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         res = asyncio.run(run_openloop(
             workload, state.url, args.duration, seed=0,
             progress=lambda m: err.print(f"  {m}", highlight=False)))
+        with contextlib.suppress(Exception):  # the controller's view is a bonus, not the job
+            ctl = controller_status(state)
+            if ctl:
+                print_controller(console, ctl)
     except DeployError as exc:
         err.print(f"[bold red]deploy failed:[/] {exc}")
         return 1

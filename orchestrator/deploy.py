@@ -200,6 +200,7 @@ class DeployState:
     replicas: list[str]  # "group/copy"
     deployments: dict[str, str]  # "group/copy" -> deployment name
     head: dict[str, Any] | None = None  # LocalHead fields when deploy started the head
+    controller: str | None = None  # the controller actor's name (namespace "lorafleet")
     created_at: float = field(default_factory=time.time)
     startup_s: float = 0.0
 
@@ -235,12 +236,14 @@ def connect(address: str) -> None:
 
 
 def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path | None = None,
-           num_cpus: float | None = None, progress: Callable[[str], None] = lambda _m: None
-           ) -> DeployState:
-    """Start (or connect to) Ray, run the Serve app, record it; returns the state written."""
+           num_cpus: float | None = None, settings: Any = None,
+           progress: Callable[[str], None] = lambda _m: None) -> DeployState:
+    """Start (or connect to) Ray, start the controller, which deploys the engines and the
+    ingress and keeps them right from then on; record it all; returns the state written."""
     from ray import serve
 
-    from orchestrator.serve_app import APP_NAME, build_application, run_application
+    from orchestrator.controller import CONTROLLER_NAME, ControllerSettings, start_controller
+    from orchestrator.serve_app import APP_NAME, build_application
 
     path = state_path(state_dir)
     if path.is_file():
@@ -250,7 +253,7 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
             raise DeployError(f"a deployment is already recorded at {path} ({old.url}); run "
                               "`lorafleet shutdown` first")
     t0 = time.perf_counter()
-    app = build_application(spec)  # validates everything before Ray starts
+    build_application(spec)  # validates everything before Ray starts
     head = None
     if address is None:
         head = LocalHead.start(num_cpus=num_cpus, log_dir=path.parent, progress=progress)
@@ -258,17 +261,19 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
     try:
         connect(address)
         serve.start(http_options={"host": "127.0.0.1" if head else "0.0.0.0", "port": port})
-        progress(f"deploying {len(spec.replica_specs())} {spec.engine} replica(s) "
-                 f"+ ingress on Ray Serve")
-        del app
-        run_application(spec)
-        replicas = spec.replica_specs()
+        progress(f"starting the controller; it deploys {len(spec.replica_specs())} "
+                 f"{spec.engine} replica(s) + the ingress on Ray Serve")
+        actor = start_controller(spec, settings or ControllerSettings())
+        import ray
+
+        members = ray.get(actor.status.remote())["members"]
+        replicas = sorted(m["replica"] for m in members.values())
         state = DeployState(
             address=address, url=f"http://127.0.0.1:{port}", engine=spec.engine,
-            plan_path=spec.plan_path, app_name=APP_NAME,
-            replicas=[str(r.replica_id) for r in replicas],
-            deployments={str(r.replica_id): r.replica_id.deployment for r in replicas},
-            head=asdict(head) if head else None, startup_s=time.perf_counter() - t0,
+            plan_path=spec.plan_path, app_name=APP_NAME, replicas=replicas,
+            deployments={m["replica"]: ep for ep, m in members.items()},
+            head=asdict(head) if head else None, controller=CONTROLLER_NAME,
+            startup_s=time.perf_counter() - t0,
         )
         if head:
             head.descendants = _descendants(head.pid)
@@ -306,21 +311,61 @@ def _disconnect() -> None:
 
 
 def collect_reports(state: DeployState, window_s: float | None = None) -> dict[str, Any]:
-    """Every engine replica's telemetry report (see ReplicaCore.report)."""
+    """Every engine replica's telemetry report (see ReplicaCore.report), keyed "group/copy".
+    Under a controller the replicas are the ones it runs now, not those recorded at deploy."""
     from ray import serve
 
     connect(state.address)
+    handles: dict[str, Any] = {}
+    if state.controller:
+        import ray
+
+        from orchestrator.controller import get_controller
+        from orchestrator.serve_app import ENGINE_DEPLOYMENT
+
+        members = ray.get(get_controller(state.controller).status.remote(), timeout=60)["members"]
+        for ep, m in members.items():
+            handles[m["replica"]] = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ep)
+    else:
+        for rid, dep in state.deployments.items():
+            handles[rid] = serve.get_deployment_handle(dep, app_name=state.app_name)
+    responses = {rid: h.report.remote(window_s) for rid, h in handles.items()}
     out: dict[str, Any] = {}
-    responses = {}
-    for rid, dep in state.deployments.items():
-        h = serve.get_deployment_handle(dep, app_name=state.app_name)
-        responses[rid] = h.report.remote(window_s)
     for rid, resp in responses.items():
         try:
             out[rid] = resp.result(timeout_s=30)
         except Exception as exc:
             out[rid] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def controller_status(state: DeployState) -> dict[str, Any] | None:
+    """The controller's own view (version, last check, live vs predicted, events)."""
+    if not state.controller:
+        return None
+    import ray
+
+    from orchestrator.controller import get_controller
+
+    connect(state.address)
+    return ray.get(get_controller(state.controller).status.remote(), timeout=60)
+
+
+def _stop_controller(name: str, progress: Callable[[str], None]) -> None:
+    """Have the controller delete every engine it runs, then end it (no restart)."""
+    import ray
+
+    from orchestrator.controller import get_controller
+
+    try:
+        actor = get_controller(name)
+    except ValueError:
+        return  # already gone
+    progress("stopping the controller and its engine replicas")
+    try:
+        ray.get(actor.shutdown.remote(), timeout=300)
+    finally:
+        ray.kill(actor, no_restart=True)
 
 
 def shutdown(state_dir: str | Path | None = None,
@@ -335,6 +380,8 @@ def shutdown(state_dir: str | Path | None = None,
             from ray import serve
 
             connect(state.address)
+            if state.controller:
+                _stop_controller(state.controller, progress)
             progress(f"deleting Serve application {state.app_name!r}")
             serve.delete(state.app_name)
             if head is not None:

@@ -42,6 +42,17 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--max-model-len", type=int, default=None)
     d.add_argument("--state-dir", default=None,
                    help="where deploy.json is kept (default .lorafleet or $LORAFLEET_STATE_DIR)")
+    c = d.add_argument_group("controller (docs/controller.md)")
+    c.add_argument("--predictor", default=None, choices=("surrogate", "analytic", "twin"),
+                   help="predictor re-plans use (default: the one the plan was made with)")
+    c.add_argument("--control-window", type=float, default=60.0,
+                   help="sliding telemetry window the workload is estimated over (s)")
+    c.add_argument("--check-interval", type=float, default=5.0,
+                   help="seconds between drift checks")
+    c.add_argument("--verify-window", type=float, default=600.0,
+                   help="simulated seconds of each twin verification run of a re-plan")
+    c.add_argument("--observe-only", action="store_true",
+                   help="detect drift and re-plan, but never apply a plan")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_deploy)
 
@@ -78,6 +89,16 @@ def builder_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def controller_settings(args: argparse.Namespace) -> Any:
+    from orchestrator.controller import ControllerSettings
+
+    window = args.control_window
+    return ControllerSettings(window_s=window, min_span_s=min(20.0, window / 3),
+                              check_interval_s=args.check_interval,
+                              verify_window_s=args.verify_window, predictor=args.predictor,
+                              auto_apply=not args.observe_only)
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from orchestrator.deploy import deploy
     from orchestrator.serving_spec import ServingSpec
@@ -85,9 +106,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     console, err = Console(), Console(stderr=True)
     spec = ServingSpec.from_args(builder_args(args))
     t0 = time.perf_counter()
+    settings = controller_settings(args)
     with err.status("deploying...") as status:
         state = deploy(spec, address=args.address, port=args.port, state_dir=args.state_dir,
-                       num_cpus=args.num_cpus, progress=lambda m: status.update(m))
+                       num_cpus=args.num_cpus, settings=settings,
+                       progress=lambda m: status.update(m))
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"url": state.url, "address": state.address, "engine": state.engine,
@@ -98,7 +121,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         f"({', '.join(state.replicas)}) in {elapsed:.1f} s\n"
         f"  OpenAI API  {state.url}/v1  (model = adapter id or {spec.base_model_name!r})\n"
         f"  Ray         {state.address}\n"
-        "  next        lorafleet status | lorafleet shutdown"), soft_wrap=True)
+        "  controller  re-plans from live telemetry (lorafleet status shows it; "
+        "lorafleet whatif asks it)\n"
+        "  next        lorafleet status | lorafleet whatif | lorafleet shutdown"), soft_wrap=True)
     return 0
 
 
@@ -130,18 +155,21 @@ def status_rows(reports: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.deploy import DeployState, collect_reports, state_path
+    from orchestrator.deploy import DeployState, collect_reports, controller_status, state_path
     from placement.plan import Plan
 
     state = DeployState.read(state_path(args.state_dir))
     reports = collect_reports(state, args.window)
-    plan = Plan.from_yaml(state.plan_path)
+    ctl = controller_status(state)
+    plan = Plan.from_dict(ctl["plan"]) if ctl else Plan.from_yaml(state.plan_path)
     planned = {(a.id, g.name): a.rate_rps for g in plan.groups for a in g.adapters}
     if args.json:
         print(json.dumps({"url": state.url, "engine": state.engine, "replicas": reports,
-                          "rows": status_rows(reports)}, default=str))
+                          "rows": status_rows(reports), "controller": ctl}, default=str))
         return 0
     console = Console()
+    if ctl:
+        print_controller(console, ctl)
     t = Table(title=f"lorafleet {state.url} ({state.engine}) - measured vs plan's prediction, "
               f"last {args.window:g} s", header_style="bold")
     for c in ("replica", "adapters", "run/wait", "req/s", "tok/s", "pred tok/s",
@@ -174,6 +202,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     if shown:
         console.print(a)
     return 0
+
+
+def print_controller(console: Console, ctl: dict[str, Any]) -> None:
+    """The controller's view: plan version, last check, live vs the twin, recent events."""
+    last = ctl.get("last_check") or {}
+    lines = [f"controller: plan version {ctl['version']}, {ctl['replicas']} replica(s), "
+             f"{ctl['ingresses']} ingress(es) polling; re-planning {ctl['replanning']}"]
+    if last:
+        lines.append(f"  last check: telemetry {last.get('telemetry')}"
+                     + (f" ({last['why']})" if last.get("why") else "")
+                     + (f"; drift: {'; '.join(last['drift'])}" if last.get("drift") else "")
+                     + (f"; {last['decision']}" if last.get("decision") else ""))
+    console.print(Text("\n".join(lines), soft_wrap=True))
+    gap = ctl.get("live_vs_predicted") or {}
+    if gap.get("replicas"):
+        t = Table(title=f"live vs twin for the observed workload ({gap['twin_window_s']:g} "
+                  "simulated s per replica)", header_style="bold")
+        for c in ("replica", "req/s", "tok/s", "twin tok/s", "gap", "TTFT mean ms",
+                  "twin TTFT p50 ms", "gap"):
+            t.add_column(c, justify="left" if c == "replica" else "right")
+        for rid, r in gap["replicas"].items():
+            live, pred, g = r["live"], r["predicted"], r["gap"]
+            t.add_row(rid, _f(live.get("request_rate_rps"), "{:.2f}"),
+                      _f(live.get("total_throughput_tps")), _f(pred.get("total_throughput_tps")),
+                      _f(g.get("throughput"), "{:+.0%}"), _f(live.get("ttft_mean_ms")),
+                      _f(pred.get("ttft_p50_ms")), _f(g.get("ttft"), "{:+.0%}"))
+        console.print(t)
+    elif gap.get("why"):
+        console.print(f"  live vs twin: {gap['why']}")
+    events = [e for e in ctl.get("events", []) if e["kind"] != "drift"][-8:]
+    if events:
+        t = Table(title="recent controller events", header_style="bold")
+        for c in ("when", "event", "what"):
+            t.add_column(c)
+        for e in events:
+            what = {k: v for k, v in e.items() if k not in ("t", "kind")}
+            t.add_row(time.strftime("%H:%M:%S", time.localtime(e["t"])), e["kind"],
+                      json.dumps(what, default=str)[:110])
+        console.print(t)
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:

@@ -152,6 +152,12 @@ class EngineBackend(Protocol):
         """Adapters registered with the engine (held on this replica)."""
         ...
 
+    async def set_adapters(self, adapters: Sequence[Any]) -> None:
+        """Serve exactly these adapters (``AdapterEntry``s) from now on: new requests for others
+        are refused, requests already running finish. The controller re-targets a replica this
+        way instead of restarting it when a re-plan moves adapters."""
+        ...
+
     async def check_health(self) -> None:
         """Raise if the engine is dead (Serve restarts the replica)."""
         ...

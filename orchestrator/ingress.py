@@ -20,7 +20,8 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -64,20 +65,19 @@ class IngressCore:
     """Routing + dispatch + accounting, independent of HTTP and of Ray."""
 
     def __init__(
-        self, table: RoutingTable, clients: Mapping[ReplicaId, ReplicaClient], *,
+        self, table: RoutingTable, clients: Mapping[Hashable, ReplicaClient], *,
         engine: str, api_keys: ApiKeys | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.perf_counter,
+        endpoints: Mapping[ReplicaId, Hashable] | None = None, version: int = 0,
     ) -> None:
-        missing = [str(r) for r in table.replicas if r not in clients]
-        if missing:
-            raise ValueError(f"no client for replica(s) {missing}")
-        self.table = table
-        self.clients = dict(clients)
         self.engine = engine
         self.keys = api_keys or ApiKeys({})
         self.timeout_s = timeout_s
         self.clock = clock
-        self.in_flight: dict[ReplicaId, int] = dict.fromkeys(self.clients, 0)
+        self.clients: dict[Hashable, ReplicaClient] = {}
+        self.in_flight: dict[Hashable, int] = {}
+        self.by_version: dict[int, int] = {}  # requests in flight per routing version picked
+        self.retried = 0  # requests re-sent to another copy after their replica failed
         reg = self.registry = CollectorRegistry()
         self.m_requests = Counter("lorafleet_requests", "requests by model, replica and status",
                                   ["model", "replica", "status"], registry=reg)
@@ -89,6 +89,36 @@ class IngressCore:
                                 ["replica"], registry=reg)
         self.m_in_flight = Gauge("lorafleet_in_flight", "requests in flight", ["replica"],
                                  registry=reg)
+        self.swap(table, clients, endpoints, version)
+
+    def swap(self, table: RoutingTable, clients: Mapping[Hashable, ReplicaClient],
+             endpoints: Mapping[ReplicaId, Hashable] | None = None, version: int = 0) -> None:
+        """Install a new routing table atomically (no await inside: a request sees the old
+        table or the new one, never a mix). ``endpoints`` maps each replica of the table to its
+        client key (default: the ReplicaId itself). Clients no longer routed to stay until their
+        in-flight requests end."""
+        ends = dict(endpoints) if endpoints is not None else {r: r for r in table.replicas}
+        missing = [str(r) for r in table.replicas if ends.get(r) not in clients]
+        if missing:
+            raise ValueError(f"no client for replica(s) {missing}")
+        self.table, self.endpoints, self.version = table, ends, version
+        self.clients.update(clients)
+        for key in clients:
+            self.in_flight.setdefault(key, 0)
+        self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        live = set(self.endpoints.values())
+        for key in [k for k, n in self.in_flight.items() if n == 0 and k not in live]:
+            del self.in_flight[key], self.clients[key]
+
+    def drain_state(self) -> dict[str, Any]:
+        """What the controller waits on before it shrinks or stops replicas: the version this
+        ingress routes by, and its requests still in flight under an older one."""
+        return {"version": self.version,
+                "old_in_flight": sum(n for v, n in self.by_version.items() if v < self.version),
+                "in_flight": {str(k): n for k, n in self.in_flight.items()},
+                "retried": self.retried}
 
     # -- routing --------------------------------------------------------------------------
     def authorize(self, authorization: str | None, model: str) -> Tenant | None:
@@ -98,21 +128,35 @@ class IngressCore:
         self.keys.check(tenant, model, is_base=model == self.table.base_model)
         return tenant
 
-    def _pick(self, model: str, exclude: set[ReplicaId]) -> ReplicaId | None:
+    def _pick(self, model: str, exclude: set[ReplicaId]) -> _Target | None:
+        table, ends = self.table, self.endpoints
+        load = self.in_flight.__getitem__
         if not exclude:
-            return self.table.route(model, self.in_flight.__getitem__)
-        groups = (set(self.table.groups_of(model)) if model != self.table.base_model
-                  else {r.group for r in self.table.replicas})
-        alive = [r for r in self.table.replicas if r.group in groups and r not in exclude]
-        return min(alive, key=self.in_flight.__getitem__) if alive else None
+            rid = table.route(model, lambda r: load(ends[r]))
+        else:
+            groups = (set(table.groups_of(model)) if model != table.base_model
+                      else {r.group for r in table.replicas})
+            alive = [r for r in table.replicas if r.group in groups and r not in exclude]
+            if not alive:
+                return None
+            rid = min(alive, key=lambda r: load(ends[r]))
+        return _Target(rid, ends[rid], self.version)
 
-    def _acquire(self, rid: ReplicaId) -> None:
-        self.in_flight[rid] += 1
-        self.m_in_flight.labels(str(rid)).set(self.in_flight[rid])
+    def _acquire(self, t: _Target) -> None:
+        self.in_flight[t.key] += 1
+        self.by_version[t.version] = self.by_version.get(t.version, 0) + 1
+        self.m_in_flight.labels(str(t.rid)).set(self.in_flight[t.key])
 
-    def _release(self, rid: ReplicaId) -> None:
-        self.in_flight[rid] -= 1
-        self.m_in_flight.labels(str(rid)).set(self.in_flight[rid])
+    def _release(self, t: _Target) -> None:
+        self.in_flight[t.key] -= 1
+        left = self.by_version[t.version] - 1
+        if left:
+            self.by_version[t.version] = left
+        else:
+            del self.by_version[t.version]
+        self.m_in_flight.labels(str(t.rid)).set(self.in_flight[t.key])
+        if self.in_flight[t.key] == 0 and t.key not in self.endpoints.values():
+            self._forget_idle()
 
     def adapter_of(self, model: str) -> str | None:
         return None if model == self.table.base_model else model
@@ -122,14 +166,16 @@ class IngressCore:
         """Non-streamed: returns (replica, result); raises ServingError."""
         tried: set[ReplicaId] = set()
         while True:
-            rid = self._pick(model, tried)
-            if rid is None:
-                raise EngineUnavailable(f"every replica serving {model!r} failed: {tried}")
+            t = self._pick(model, tried)
+            if t is None:
+                raise EngineUnavailable(f"every replica serving {model!r} failed: "
+                                        f"{sorted(map(str, tried))}")
+            rid = t.rid
             tried.add(rid)
-            self._acquire(rid)
+            self._acquire(t)
             t0 = self.clock()
             try:
-                result = await asyncio.wait_for(self.clients[rid].complete(req), self.timeout_s)
+                result = await asyncio.wait_for(self.clients[t.key].complete(req), self.timeout_s)
             except TimeoutError:
                 self._count(model, rid, 503)
                 raise EngineUnavailable(
@@ -139,9 +185,10 @@ class IngressCore:
                 if len(tried) >= 2:
                     raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
                                             f"{str(exc)[:300]}") from None
+                self.retried += 1
                 continue
             finally:
-                self._release(rid)
+                self._release(t)
             if "error" in result:
                 err = ServingError.from_dict(result["error"])
                 self._count(model, rid, err.status)
@@ -153,41 +200,42 @@ class IngressCore:
             self.m_tokens.labels(model, "completion").inc(result.get("completion_tokens", 0))
             return rid, result
 
-    async def open_stream(self, model: str, req: GenerateRequest
-                          ) -> tuple[ReplicaId, dict, AsyncIterator[dict]]:
+    async def open_stream(self, model: str, req: GenerateRequest) -> OpenStream:
         """Start a stream and wait for the replica to accept it (its first item), so that
-        refusals become proper HTTP statuses; returns (replica, first item, the rest)."""
+        refusals become proper HTTP statuses; the caller must ``close`` the returned stream."""
         tried: set[ReplicaId] = set()
         while True:
-            rid = self._pick(model, tried)
-            if rid is None:
+            t = self._pick(model, tried)
+            if t is None:
                 raise EngineUnavailable(f"every replica serving {model!r} failed")
+            rid = t.rid
             tried.add(rid)
-            self._acquire(rid)
-            it = self.clients[rid].stream(req).__aiter__()
+            self._acquire(t)
+            it = self.clients[t.key].stream(req).__aiter__()
             try:
                 first = await asyncio.wait_for(it.__anext__(), self.timeout_s)
             except (TimeoutError, StopAsyncIteration):
-                self._release(rid)
+                self._release(t)
                 await _close(it)
                 self._count(model, rid, 503)
                 raise EngineUnavailable(f"replica {rid} did not start the stream") from None
             except Exception as exc:
-                self._release(rid)
+                self._release(t)
                 await _close(it)
                 self._count(model, rid, 503)
                 if len(tried) >= 2:
                     raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
                                             f"{str(exc)[:300]}") from None
+                self.retried += 1
                 continue
             if "error" in first:
-                self._release(rid)
+                self._release(t)
                 await _close(it)
                 err = ServingError.from_dict(first["error"])
                 self._count(model, rid, err.status)
                 err.replica = rid  # type: ignore[attr-defined]
                 raise err
-            return rid, first, it
+            return OpenStream(t, first, it)
 
     def _count(self, model: str, rid: ReplicaId | None, status: int) -> None:
         self.m_requests.labels(model, str(rid) if rid else "none", str(status)).inc()
@@ -196,11 +244,34 @@ class IngressCore:
         """Every replica's telemetry report (errors reported, not raised)."""
         async def one(rid: ReplicaId) -> tuple[str, Any]:
             try:
-                return str(rid), await asyncio.wait_for(self.clients[rid].report(), 30)
+                client = self.clients[self.endpoints[rid]]
+                return str(rid), await asyncio.wait_for(client.report(), 30)
             except Exception as exc:
                 return str(rid), {"error": f"{type(exc).__name__}: {exc}"}
 
-        return dict(await asyncio.gather(*(one(r) for r in self.clients)))
+        return dict(await asyncio.gather(*(one(r) for r in self.table.replicas)))
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One dispatch: the replica routed to, its client key, the routing version it used."""
+
+    rid: ReplicaId
+    key: Hashable
+    version: int
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    """An accepted stream: where it runs, the replica's first item and the rest."""
+
+    target: _Target
+    first: dict
+    rest: AsyncIterator[dict]
+
+    @property
+    def rid(self) -> ReplicaId:
+        return self.target.rid
 
 
 async def _close(it: Any) -> None:
@@ -277,12 +348,12 @@ def build_api(core: IngressCore) -> FastAPI:
             return JSONResponse(completion_body(rid_text, model, result, chat),
                                 headers=_headers(rid, result.get("engine", engine)))
         t0 = core.clock()
-        rid, first, it = await core.open_stream(model, req)
+        stream = await core.open_stream(model, req)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(core, model, rid, first, it, rid_text, chat, include_usage, t0),
+            _sse(core, model, stream, rid_text, chat, include_usage, t0),
             media_type="text/event-stream",
-            headers=_headers(rid, first.get("engine", engine)),
+            headers=_headers(stream.rid, stream.first.get("engine", engine)),
         )
 
     @app.post("/v1/completions")
@@ -312,7 +383,8 @@ def build_api(core: IngressCore) -> FastAPI:
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "engine": engine,
                              "replicas": [str(r) for r in core.table.replicas],
-                             "in_flight": sum(core.in_flight.values())})
+                             "in_flight": sum(core.in_flight.values()),
+                             "retried": core.retried})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -322,10 +394,10 @@ def build_api(core: IngressCore) -> FastAPI:
     return app
 
 
-async def _sse(core: IngressCore, model: str, rid: ReplicaId, first: dict,
-               it: AsyncIterator[dict], request_id: str, chat: bool, include_usage: bool,
-               t0: float) -> AsyncIterator[str]:
+async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: str, chat: bool,
+               include_usage: bool, t0: float) -> AsyncIterator[str]:
     """OpenAI server-sent events: chunks, optional usage chunk, ``[DONE]``."""
+    rid, first, it = stream.rid, stream.first, stream.rest
     created = int(time.time())
     n_out, status, got_first = 0, 200, False
     try:
@@ -366,7 +438,7 @@ async def _sse(core: IngressCore, model: str, rid: ReplicaId, first: dict,
             yield _event(body)
         yield "data: [DONE]\n\n"
     finally:
-        core._release(rid)
+        core._release(stream.target)
         await _close(it)
         core._count(model, rid, status)
         core.m_latency.labels(str(rid)).observe(core.clock() - t0)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.adapter_registry import AdapterEntry
@@ -155,6 +155,22 @@ class ReplicaCore:
         if out["finish_reason"] == "abort":
             return _error(EngineUnavailable("the engine aborted the request (shutting down?)"))
         return out
+
+    async def assign(self, group: str, copy: int, adapters: Sequence[AdapterEntry],
+                     predicted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Re-target this replica (the controller's transitions): serve ``adapters`` as copy
+        ``copy`` of ``group`` from now on; running requests finish where they are."""
+        spec = replace(self.spec, group=group, copy=copy, adapters=tuple(adapters),
+                       predicted=dict(predicted or {}))
+        await self.backend.set_adapters(spec.adapters)
+        self.spec, self.name = spec, str(spec.replica_id)
+        return {"replica": self.name, "adapters": list(self.backend.loaded_adapters())}
+
+    def take_batch(self, endpoint: str) -> dict[str, Any]:
+        """The telemetry counts since the last call (``workload_window.TelemetryBatch``)."""
+        running, waiting = self.backend.queue_depth()
+        return {"replica": endpoint, **self.telemetry.take_batch(), "running": running,
+                "waiting": waiting, "adapters_held": list(self.backend.loaded_adapters())}
 
     def report(self, window_s: float | None = None) -> dict[str, Any]:
         """Telemetry snapshot + what the replica holds + its queue + the plan's prediction."""

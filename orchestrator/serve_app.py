@@ -7,19 +7,25 @@ one: the ingress then chooses the copy itself (least in flight, orchestrator/rou
 exactly which replica served a request - the ``x-lorafleet-replica`` header is the replica's own
 report, not a guess about Serve's internal router.
 
-``build_app(args)`` is the application builder Ray Serve imports
-(``orchestrator.serve_app:build_app``, used by the KubeRay RayService with ``plan_path``);
-``build_application(spec)`` is what ``lorafleet deploy`` and the tests call.
+Two ways to run it. ``lorafleet deploy`` starts the controller (orchestrator/controller.py),
+which deploys every engine copy as its own Serve application (``engine_app``: one
+``ENGINE_DEPLOYMENT`` each, so replicas come and go one by one) and the ingress application
+(``managed_ingress_app``), which pulls routing tables from the controller. ``build_app(args)``
+is the static application builder Ray Serve imports (``orchestrator.serve_app:build_app``, used
+by the KubeRay RayService with ``plan_path``): ingress and engines in one application, the plan
+as deployed, no controller; ``build_application(spec)`` builds the same for tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from orchestrator.adapter_registry import AdapterEntry
 from orchestrator.api_keys import ApiKeys
 from orchestrator.engine_backend import GenerateRequest
 from orchestrator.ingress import IngressCore, build_api
@@ -30,16 +36,45 @@ from orchestrator.serving_spec import ServingSpec
 APP_NAME = "lorafleet"
 INGRESS_NAME = "ingress"
 MAX_ONGOING = 4096  # engines queue internally; Serve's default (5) would cap batching
+ENGINE_DEPLOYMENT = "engine"  # the deployment inside each controller-managed engine app
+PUSH_INTERVAL_S = 1.0  # engine -> controller telemetry batches
+ROUTING_POLL_S = 0.25  # ingress -> controller routing polls
+PUSH_TIMEOUT_S = 5.0
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING, health_check_period_s=10,
                   health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
 class EngineDeployment:
-    """One engine replica (vllm or sim) holding one group's adapters."""
+    """One engine replica (vllm or sim) holding one group's adapters.
 
-    async def __init__(self, spec: ReplicaSpec) -> None:
+    Under a controller (``controller=(name, namespace)``) it is its own Serve application (the
+    ``endpoint``), pushes a telemetry batch every ``PUSH_INTERVAL_S`` and keeps the plan and
+    routing version it was last assigned, from which a restarted controller recovers.
+    """
+
+    async def __init__(self, spec: ReplicaSpec, controller: tuple[str, str] | None = None,
+                       endpoint: str | None = None) -> None:
         self.core = ReplicaCore(spec)
         await self.core.start()
+        self.endpoint = endpoint or str(spec.replica_id)
+        self.stamp_: dict[str, Any] = {"version": 0}  # set by the controller (recovery)
+        self._push: asyncio.Task | None = None
+        if controller is not None:
+            self._push = asyncio.get_running_loop().create_task(self._push_loop(controller))
+
+    async def _push_loop(self, controller: tuple[str, str]) -> None:
+        import ray
+
+        actor = None
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            batch = self.core.take_batch(self.endpoint)
+            try:
+                if actor is None:
+                    actor = ray.get_actor(controller[0], namespace=controller[1])
+                await asyncio.wait_for(actor.ingest.remote(batch), PUSH_TIMEOUT_S)
+            except Exception:  # controller away: this interval is lost, and it will know
+                actor = None
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         async for item in self.core.stream(request):
@@ -49,12 +84,28 @@ class EngineDeployment:
         return await self.core.complete(request)
 
     async def report(self, window_s: float | None = None) -> dict[str, Any]:
-        return self.core.report(window_s)
+        return {"endpoint": self.endpoint, "version": self.stamp_["version"],
+                **self.core.report(window_s)}
+
+    async def assign(self, role: Mapping[str, Any], adapters: Sequence[AdapterEntry]
+                     ) -> dict[str, Any]:
+        return await self.core.assign(role["group"], int(role["copy"]), adapters,
+                                      role.get("predicted"))
+
+    async def stamp(self, stamp: Mapping[str, Any]) -> None:
+        """The plan, routing version and fleet this replica serves under: a restarted
+        controller recovers from the newest stamp (orchestrator/controller.py)."""
+        self.stamp_ = dict(stamp)
+
+    async def describe(self) -> dict[str, Any]:
+        return {**self.stamp_, "endpoint": self.endpoint}
 
     async def check_health(self) -> None:
         await self.core.backend.check_health()
 
     async def __del__(self) -> None:
+        if self._push is not None:
+            self._push.cancel()
         await self.core.stop()
 
 
@@ -87,20 +138,69 @@ class HandleClient:
 @serve.deployment(max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress()
 class IngressDeployment:
-    """The HTTP ingress: routing table + handles; the FastAPI app is built per replica."""
+    """The HTTP ingress: routing table + handles; the FastAPI app is built per replica.
+
+    Static (``handles`` given: one application holds ingress and engines) or managed by the
+    controller (``controller`` given): the routing table names each copy's engine application,
+    and the ingress polls the controller for newer tables every ``ROUTING_POLL_S``, swapping
+    them in atomically and reporting what it still has in flight under older ones.
+    """
 
     def __init__(self, routing: Mapping[str, Any], engine: str, api_keys: Mapping[str, Any],
-                 timeout_s: float, handles: Mapping[str, DeploymentHandle]) -> None:
-        table = RoutingTable(routing["routes"], routing["copies"],
-                             base_model=routing["base_model"])
-        clients = {ReplicaId(g, int(c)): HandleClient(h)
-                   for key, h in handles.items() for g, c in [key.rsplit("/", 1)]}
-        self.core = IngressCore(table, clients, engine=engine,
-                                api_keys=ApiKeys.from_dict(api_keys or None),
-                                timeout_s=timeout_s)
+                 timeout_s: float, handles: Mapping[str, DeploymentHandle] | None = None,
+                 controller: tuple[str, str] | None = None) -> None:
+        table = _table(routing)
+        keys = ApiKeys.from_dict(api_keys or None)
+        self._poll: asyncio.Task | None = None
+        if controller is None:
+            clients = {ReplicaId(g, int(c)): HandleClient(h)
+                       for key, h in (handles or {}).items() for g, c in [key.rsplit("/", 1)]}
+            self.core = IngressCore(table, clients, engine=engine, api_keys=keys,
+                                    timeout_s=timeout_s)
+            return
+        ends, clients = self._endpoints(routing, {})
+        self.core = IngressCore(table, clients, engine=engine, api_keys=keys,
+                                timeout_s=timeout_s, endpoints=ends,
+                                version=int(routing["version"]))
+        self._poll = asyncio.get_event_loop().create_task(self._poll_loop(controller))
+
+    @staticmethod
+    def _endpoints(routing: Mapping[str, Any], known: Mapping[Any, Any]
+                   ) -> tuple[dict[ReplicaId, str], dict[str, Any]]:
+        ends: dict[ReplicaId, str] = {}
+        clients: dict[str, Any] = {}
+        for key, ep in routing["endpoints"].items():
+            g, c = key.rsplit("/", 1)
+            ends[ReplicaId(g, int(c))] = ep
+            clients[ep] = known.get(ep) or HandleClient(
+                serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ep))
+        return ends, clients
+
+    async def _poll_loop(self, controller: tuple[str, str]) -> None:
+        import ray
+
+        me = serve.get_replica_context().replica_id.unique_id
+        actor = None
+        while True:
+            await asyncio.sleep(ROUTING_POLL_S)
+            try:
+                if actor is None:
+                    actor = ray.get_actor(controller[0], namespace=controller[1])
+                update = await asyncio.wait_for(
+                    actor.routing_update.remote(me, self.core.drain_state()), PUSH_TIMEOUT_S)
+            except Exception:  # controller away: keep routing by the table we have
+                actor = None
+                continue
+            if update:
+                ends, clients = self._endpoints(update, self.core.clients)
+                self.core.swap(_table(update), clients, ends, int(update["version"]))
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api(self.core)
+
+
+def _table(routing: Mapping[str, Any]) -> RoutingTable:
+    return RoutingTable(routing["routes"], routing["copies"], base_model=routing["base_model"])
 
 
 def engine_options(spec: ServingSpec, replica: ReplicaSpec) -> dict[str, Any]:
@@ -128,6 +228,24 @@ def build_application(spec: ServingSpec) -> Any:
         name=INGRESS_NAME, num_replicas=spec.ingress_replicas,
     ).bind(routing, spec.engine, spec.api_keys.to_dict() if spec.api_keys.enabled else None,
            spec.timeout_s, handles)
+
+
+def engine_app(spec: ServingSpec, replica: ReplicaSpec, endpoint: str,
+               controller: tuple[str, str]) -> Any:
+    """One controller-managed engine replica: its own Serve application named ``endpoint``."""
+    opts = engine_options(spec, replica)
+    opts["name"] = ENGINE_DEPLOYMENT
+    return EngineDeployment.options(**opts).bind(replica, controller, endpoint)
+
+
+def managed_ingress_app(spec: ServingSpec, routing: Mapping[str, Any],
+                        controller: tuple[str, str]) -> Any:
+    """The ingress application of a controller-managed deployment."""
+    return IngressDeployment.options(
+        name=INGRESS_NAME, num_replicas=spec.ingress_replicas,
+    ).bind(dict(routing), spec.engine,
+           spec.api_keys.to_dict() if spec.api_keys.enabled else None, spec.timeout_s,
+           None, controller)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.engine_backend import (
     BackendInfo,
@@ -84,6 +85,7 @@ class SimEngine:
     _task: asyncio.Task | None = field(default=None, init=False)
     _ids: itertools.count = field(default_factory=itertools.count, init=False)
     steps: int = field(default=0, init=False)
+    _ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         if not self.max_model_len:
@@ -92,6 +94,7 @@ class SimEngine:
         if too_big:
             raise ValueError(f"adapters {too_big[:5]} exceed max_lora_rank "
                              f"{self.engine.max_lora_rank}")
+        self._ranks = dict(self.adapters)
 
     async def start(self) -> BackendInfo:
         t0 = time.perf_counter()
@@ -103,6 +106,15 @@ class SimEngine:
 
     def loaded_adapters(self) -> Sequence[str]:
         return tuple(self.adapters)
+
+    async def set_adapters(self, adapters: Sequence[Any]) -> None:
+        ranks = {a.id: int(a.rank) for a in adapters}
+        too_big = [a for a, r in ranks.items() if r > self.engine.max_lora_rank]
+        if too_big:
+            raise ValueError(f"adapters {too_big[:5]} exceed max_lora_rank "
+                             f"{self.engine.max_lora_rank}")
+        self._ranks.update(ranks)  # running requests of a dropped adapter still cost its rank
+        self.adapters = ranks
 
     def queue_depth(self) -> tuple[int, int]:
         return len(self._running), len(self._waiting)
@@ -193,7 +205,7 @@ class SimEngine:
             if a in self._gpu_slots:
                 self._gpu_slots.move_to_end(a)
                 continue
-            load_ms += prof.adapter_loads.gpu_load_ms(e.max_lora_rank, self.adapters[a])
+            load_ms += prof.adapter_loads.gpu_load_ms(e.max_lora_rank, self._ranks[a])
             self._gpu_slots[a] = None
             if len(self._gpu_slots) > e.max_loras:
                 self._gpu_slots.popitem(last=False)

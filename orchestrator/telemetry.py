@@ -14,7 +14,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_WINDOW_S = 60.0
@@ -55,19 +55,38 @@ class Telemetry:
         self.total_requests = 0
         self.total_errors = 0
         self.in_flight = 0
+        self._batch = _Batch(time.time())
+
+    def take_batch(self) -> dict[str, Any]:
+        """Counts since the previous call, as the controller ingests them
+        (``orchestrator.workload_window.TelemetryBatch`` fields, minus the replica's own)."""
+        batch, self._batch = self._batch, _Batch(time.time())
+        return batch.to_dict(self._batch.t_start)
 
     def arrived(self, adapter: str) -> float:
         now = self.clock()
         self.arrivals.append((now, adapter))
         self.total_requests += 1
         self.in_flight += 1
+        b = self._batch
+        b.arrivals[adapter] = b.arrivals.get(adapter, 0) + 1
         return now
 
     def finished(self, rec: RequestRecord) -> None:
         self.in_flight -= 1
         self.records.append(rec)
+        b = self._batch
         if not rec.ok:
             self.total_errors += 1
+            b.failed += 1
+            return
+        a = rec.adapter
+        b.finished[a] = b.finished.get(a, 0) + 1
+        b.prompt_tokens[a] = b.prompt_tokens.get(a, 0) + rec.prompt_tokens
+        b.output_tokens[a] = b.output_tokens.get(a, 0) + rec.output_tokens
+        if math.isfinite(rec.first_token):
+            b.ttft_ms_sum += (rec.first_token - rec.arrival) * 1e3
+        b.latency_ms_sum += (rec.finish - rec.arrival) * 1e3
 
     def snapshot(self, window_s: float | None = None) -> dict[str, Any]:
         """Figures over the last ``window_s`` seconds (or since start if shorter)."""
@@ -112,6 +131,26 @@ class Telemetry:
             "itl_mean_ms": decode_ms / decode_tok if decode_tok else math.nan,
             "adapters": adapters,
         }
+
+
+@dataclass
+class _Batch:
+    """Counters of one push interval (wall clock start: the controller aligns replicas)."""
+
+    t_start: float
+    arrivals: dict[str, int] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    output_tokens: dict[str, int] = field(default_factory=dict)
+    ttft_ms_sum: float = 0.0
+    latency_ms_sum: float = 0.0
+    failed: int = 0
+
+    def to_dict(self, t_end: float) -> dict[str, Any]:
+        return {"t_start": self.t_start, "t_end": t_end, "arrivals": self.arrivals,
+                "finished": self.finished, "prompt_tokens": self.prompt_tokens,
+                "output_tokens": self.output_tokens, "ttft_ms_sum": self.ttft_ms_sum,
+                "latency_ms_sum": self.latency_ms_sum, "failed": self.failed}
 
 
 def _empty() -> dict[str, Any]:

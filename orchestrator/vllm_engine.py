@@ -57,7 +57,8 @@ class VLLMEngine:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
         self.engine: Any = None
-        self.loras: dict[str, Any] = {}
+        self.loras: dict[str, Any] = {}  # adapters served now
+        self._known: dict[str, Any] = {}  # every adapter ever registered, by id
         self.tokenizer: Any = None
         self.max_model_len = 0
         self.vocab_size = 0
@@ -72,7 +73,6 @@ class VLLMEngine:
         import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -102,15 +102,32 @@ class VLLMEngine:
         facts["max_loras"] = e.max_loras
         self.tokenizer = self.engine.get_tokenizer()
         t1 = clock()
-        for i, a in enumerate(self.spec.adapters):
-            lora = LoRARequest(a.id, i + 1, a.source)
-            await self.engine.add_lora(lora)
-            self.loras[a.id] = lora
+        await self.set_adapters(self.spec.adapters)
         facts["adapter_register_s"] = clock() - t1
         return BackendInfo("vllm", self.spec.model, self.max_model_len, tuple(self.loras), facts)
 
     def loaded_adapters(self) -> Sequence[str]:
         return tuple(self.loras)
+
+    async def set_adapters(self, adapters: Sequence[Any]) -> None:
+        """Register new adapters with the engine (an adapter seen before keeps its LoRA int id,
+        so vLLM's caches stay valid); dropped ones are only refused from now on - a running
+        request keeps its LoRARequest, and vLLM's LRU evicts the weights when slots are needed."""
+        from vllm.lora.request import LoRARequest
+
+        too_big = [a.id for a in adapters if a.rank > self.spec.engine.max_lora_rank]
+        if too_big:
+            raise ValueError(f"adapters {too_big[:5]} exceed max_lora_rank "
+                             f"{self.spec.engine.max_lora_rank}")
+        loras: dict[str, Any] = {}
+        for a in adapters:
+            lora = self._known.get(a.id)
+            if lora is None:
+                lora = LoRARequest(a.id, len(self._known) + 1, a.source)
+                await self.engine.add_lora(lora)
+                self._known[a.id] = lora
+            loras[a.id] = lora
+        self.loras = loras
 
     def queue_depth(self) -> tuple[int, int]:
         if self.engine is None:

@@ -3,15 +3,15 @@
 Placement decides with a fast predictor; the twin is the ground truth. Each group's replica
 (copies are identical, so one run stands for all of them) is simulated for ``duration_s`` with
 Poisson arrivals at the rates the plan sends it, and its measured figures are stored next to the
-predicted ones (``ReplicaGroup.verified``). Runs fan out over at most ``MAX_WORKERS`` processes
-(the machines this runs on have two cores), heaviest first so the pool stays busy.
+predicted ones (``ReplicaGroup.verified``). Runs fan out, heaviest first so the pool stays busy,
+over at most ``MAX_WORKERS`` processes (the machines this runs on have two cores) or over any
+``twin.parallel.Mapper`` the caller passes (``orchestrator.fanout.ray_map`` for a Ray cluster).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,13 +19,12 @@ import numpy as np
 from placement.errors import PlacementError
 from placement.plan import Plan, ReplicaGroup, profile_sha256
 from twin.config import EngineConfig
+from twin.parallel import Mapper, Progress, process_map
 from twin.profile import Profile
 from twin.replica import ReplicaLoad, TwinPredictor
 
 VERIFY_DURATION_S = 3600.0
 MAX_WORKERS = 2
-
-Progress = Callable[[int, int], None]
 
 
 def group_load(plan: Plan, group: ReplicaGroup) -> ReplicaLoad:
@@ -56,8 +55,15 @@ def verify_plans(
     seed: int = 0,
     workers: int = MAX_WORKERS,
     progress: Progress | None = None,
+    mapper: Mapper | None = None,
 ) -> list[Plan]:
-    """Each plan with ``verified`` figures on every group (all plans' runs share one pool)."""
+    """Each plan with ``verified`` figures on every group (all plans' runs share one pool).
+
+    The runs go through ``mapper`` when given (it overrides ``workers``), else through a pool of
+    ``min(workers, MAX_WORKERS)`` processes; either way heaviest first and ``progress(done,
+    total)`` as they finish. Each run is a pure function of its inputs and ``seed``, so every
+    mapper gives the same figures.
+    """
     if duration_s <= 0:
         raise PlacementError(f"verify duration: must be > 0 s, got {duration_s}")
     sha = profile_sha256(profile)
@@ -75,23 +81,12 @@ def verify_plans(
             keys.append((p, g.name))
             jobs.append((profile, group_load(plan, g), g.engine, float(duration_s), int(seed)))
     order = np.argsort([-j[1].total_rate_rps for j in jobs], kind="stable")
-    results: dict[tuple[int, str], dict[str, Any]] = {}
-    workers = max(1, min(int(workers), MAX_WORKERS, len(jobs)))
-    done = 0
-    if workers == 1:
-        for i in order:
-            results[keys[i]] = _run(jobs[i])
-            done += 1
-            if progress:
-                progress(done, len(jobs))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_run, jobs[i]): i for i in order}
-            for fut in as_completed(futures):
-                results[keys[futures[fut]]] = fut.result()
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
+    if mapper is None:
+        mapper = process_map(max(1, min(int(workers), MAX_WORKERS)))
+    ran = mapper(_run, [jobs[i] for i in order], progress)
+    results: dict[tuple[int, str], dict[str, Any]] = {
+        keys[i]: m for i, m in zip(order, ran, strict=True)
+    }
     return [
         plan.with_verified({name: m for (p2, name), m in results.items() if p2 == p})
         for p, plan in enumerate(plans)

@@ -127,6 +127,11 @@ def test_deploy_status_shutdown_cli_leaves_no_process(tmp_path: Path) -> None:
         status = run("status")
         assert {row["replica"] for row in status["rows"]} == {"a/0", "b/0", "b/1"}
         assert sum(row["requests"] for row in status["rows"]) == 1
+        assert status["controller"]["replanning"].startswith("re-planning is off")
+        refused = subprocess.run([*cli, "whatif", "--rate-scale", "2", *state],
+                                 capture_output=True, text=True, env=env, timeout=300,
+                                 cwd=tmp_path)
+        assert refused.returncode == 2 and "--predictor" in refused.stderr, refused.stderr
         tree = [head_pid, *(c.pid for c in psutil.Process(head_pid).children(recursive=True))]
     finally:
         down = run("shutdown")

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from twin.calibrate import smape
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.metrics import STARVATION_THRESHOLD
+from twin.parallel import Progress, process_map
 from twin.profile import load_profile
 from twin.simulate import simulate
 from twin.workload import AdapterSpec, Workload
@@ -216,7 +215,7 @@ def validate(
     limit: int | None = None,
     seed: int = 0,
     workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     client_max_inflight: int | str | None = "auto",
 ) -> ValidationResult:
     """Simulate every run (or a seeded sample of ``limit``) and score the twin per metric.
@@ -242,24 +241,12 @@ def validate(
     ]
     # heavy runs first so the pool stays busy to the end
     order = np.argsort(-runs["offered_request_rate_rps"].fillna(0).to_numpy(), kind="stable")
+    ran = process_map(workers or max(1, os.cpu_count() or 1))(
+        _predict_one, [jobs[i] for i in order], progress
+    )
     results: list[dict[str, Any] | None] = [None] * len(jobs)
-    workers = workers or max(1, min(os.cpu_count() or 1, len(jobs)))
-    done = 0
-    if workers == 1:
-        it: Iterable = map(_predict_one, [jobs[i] for i in order])
-        for i, res in zip(order, it, strict=True):
-            results[i] = res
-            done += 1
-            if progress:
-                progress(done, len(jobs))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_predict_one, jobs[i]): i for i in order}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
+    for i, res in zip(order, ran, strict=True):
+        results[i] = res
     pred = pd.DataFrame(results)
     pred = pred.drop(columns=["model", "workload", "run"])
     table = pd.concat([runs.reset_index(drop=True), pred], axis=1)

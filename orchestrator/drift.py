@@ -1,0 +1,212 @@
+"""Has the live workload drifted from the one the current plan was made for? (issue #6)
+
+Re-planning costs adapter moves and replica restarts, so it must not fire on noise. Every
+rate-based test therefore asks two questions: is the change large (a relative threshold), and is
+it real (the observed count is further from the planned expectation than ``z`` Poisson standard
+deviations, ``|observed - expected| > z * sqrt(expected + 1)``, counts over the window; see
+``significant``)? Only changes that pass both drift. Per-adapter tests run once per adapter, so
+their ``z`` is raised (``family_z``) to keep the chance of any false alarm per check that of a
+single test. Checks, each adding one human-readable reason:
+
+* newly registered adapters the plan does not place (always a re-plan: they have nowhere to go);
+* the total rate;
+* the hot set (the ``hot_k`` busiest adapters, which placement splits over replicas): adapters
+  entering or leaving it count only if their own rate changed (large and significant), since
+  near-equal adapters swap ranks on noise alone;
+* each adapter's rate (adapters under ``min_rate_rps`` on both sides are ignored);
+* live-vs-predicted gaps per replica (throughput either way, TTFT only when worse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+from twin.workload import Workload
+
+MAX_LISTED = 5  # ids listed in one reason before "+N more"
+_NORMAL = NormalDist()
+_GAP_LABELS = {"ttft": "TTFT mean", "throughput": "throughput"}
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Thresholds of ``detect_drift`` (module notes); validated, errors name the field."""
+
+    rel_rate_change: float = 0.25
+    min_rate_rps: float = 0.05
+    z: float = 4.0
+    total_rate_change: float = 0.2
+    hot_k: int = 5
+    gap: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("rel_rate_change", "z", "total_rate_change", "gap"):
+            value = getattr(self, name)
+            if not _number(value) or value <= 0:
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+        if not _number(self.min_rate_rps) or self.min_rate_rps < 0:
+            raise ValueError(
+                f"min_rate_rps: must be a finite number >= 0, got {self.min_rate_rps!r}"
+            )
+        if isinstance(self.hot_k, bool) or not isinstance(self.hot_k, int) or self.hot_k < 0:
+            raise ValueError(f"hot_k: must be an integer >= 0 (0 disables), got {self.hot_k!r}")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """``drifted`` if any check fired; ``reasons`` one line each; ``details`` the numbers."""
+
+    drifted: bool
+    reasons: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def significant(observed: float, expected: float, z: float) -> bool:
+    """Whether a count of ``observed`` is more than ``z`` Poisson sds from ``expected``.
+
+    Two conditions: the plain count test ``|observed - expected| > z * sqrt(expected + 1)``
+    (the +1 keeps a tiny expectation from making one request significant), and the same test on
+    Anscombe's variance-stabilised scale (``2 sqrt(x + 3/8)`` has sd ~1), because at small counts
+    the Poisson upper tail is much heavier than the normal one the plain test assumes."""
+    observed, expected = max(observed, 0.0), max(expected, 0.0)
+    plain = abs(observed - expected) > z * math.sqrt(expected + 1.0)
+    stable = 2.0 * abs(math.sqrt(observed + 0.375) - math.sqrt(expected + 0.375)) > z
+    return plain and stable
+
+
+def family_z(z: float, n: int) -> float:
+    """The per-test z for ``n`` simultaneous per-adapter tests that keeps the chance of any
+    false alarm at that of one test at ``z`` (Bonferroni on the two-sided normal tail): with
+    1,000 adapters, z = 4 per adapter would fire on noise in ~6 % of checks."""
+    if n <= 1:
+        return z
+    tail = 2.0 * (1.0 - _NORMAL.cdf(z)) / n
+    return max(z, _NORMAL.inv_cdf(1.0 - tail / 2.0))
+
+
+def _ids(ids: Collection[str], sep: str = ",") -> str:
+    ids = list(ids)
+    head = sep.join(ids[:MAX_LISTED])
+    return head + (f" +{len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")
+
+
+def _hot(rates: Mapping[str, float], k: int) -> list[str]:
+    return sorted(rates, key=lambda a: (-rates[a], a))[:k]
+
+
+def detect_drift(
+    planned: Workload,
+    estimate: Workload,
+    window_s: float,
+    cfg: DriftConfig | None = None,
+    *,
+    registered_unplaced: Collection[str] = (),
+    gaps: Mapping[str, float] | None = None,
+) -> Drift:
+    """Compare the estimate with the plan's workload (module notes).
+
+    ``window_s``: seconds of traffic the estimate rests on (the judged span, not the nominal
+    window, right after a re-plan). ``registered_unplaced``: adapter ids registered but not in
+    the plan. ``gaps``: ``"<replica> <metric>" -> live / predicted - 1`` (see ``replica_gaps``);
+    metric ``ttft`` fires only when live is worse, any other metric either way.
+    """
+    cfg = cfg or DriftConfig()
+    if not _number(window_s) or window_s <= 0:
+        raise ValueError(f"window_s: must be > 0, got {window_s!r}")
+    reasons: list[str] = []
+    details: dict[str, Any] = {"window_s": float(window_s)}
+
+    new = sorted(set(registered_unplaced))
+    if new:
+        reasons.append(f"new adapters registered: {_ids(new, ', ')}")
+        details["new_adapters"] = new
+
+    p_tot, e_tot = planned.total_rate_rps, estimate.total_rate_rps
+    details["total_rate_rps"] = {"planned": p_tot, "estimated": e_tot}
+    if significant(e_tot * window_s, p_tot * window_s, cfg.z):
+        if p_tot <= 0:
+            reasons.append(f"total rate {e_tot:.2f} req/s, the plan expected none")
+        elif abs(e_tot / p_tot - 1.0) > cfg.total_rate_change:
+            reasons.append(
+                f"total rate {e_tot / p_tot:.2f}x the plan's ({e_tot:.1f} vs {p_tot:.1f} req/s)"
+            )
+
+    p_rates = {a.id: a.rate_rps for a in planned.adapters}
+    e_rates = {a.id: a.rate_rps for a in estimate.adapters}
+    ids = sorted(set(p_rates) | set(e_rates))
+
+    z_each = family_z(cfg.z, len(ids))
+
+    def changed(a: str) -> bool:
+        p, e = p_rates.get(a, 0.0), e_rates.get(a, 0.0)
+        return (max(p, e) >= cfg.min_rate_rps and abs(e - p) > cfg.rel_rate_change * p
+                and significant(e * window_s, p * window_s, z_each))
+
+    if 0 < cfg.hot_k < len(ids):
+        hot_p = _hot({a: p_rates.get(a, 0.0) for a in ids}, cfg.hot_k)
+        hot_e = _hot({a: e_rates.get(a, 0.0) for a in ids}, cfg.hot_k)
+        # membership alone flips on noise between near-equal adapters: count only members
+        # whose own rate changed for real
+        came = [a for a in hot_e if a not in hot_p and changed(a)]
+        left = [a for a in hot_p if a not in hot_e and changed(a)]
+        details["hot_set"] = {"planned": hot_p, "estimated": hot_e, "in": came, "out": left}
+        if came or left:
+            reasons.append(f"hot set changed: {_ids(came) or '-'} in, {_ids(left) or '-'} out")
+
+    moved: list[tuple[str, float, float]] = []
+    for a in ids:
+        if changed(a):
+            moved.append((a, p_rates.get(a, 0.0), e_rates.get(a, 0.0)))
+    details["adapter_rates"] = {a: {"planned": p, "estimated": e} for a, p, e in moved}
+    moved.sort(key=lambda m: -abs(m[2] - m[1]))
+    for a, p, e in moved[:MAX_LISTED]:
+        reasons.append(f"adapter {a} rate {p:.2f} -> {e:.2f} req/s")
+    if len(moved) > MAX_LISTED:
+        reasons.append(f"... and {len(moved) - MAX_LISTED} more adapters changed rate")
+
+    fired_gaps: dict[str, float] = {}
+    for key, g in sorted((gaps or {}).items()):
+        if not _number(g):
+            continue
+        replica, _, metric = key.rpartition(" ")
+        replica = replica or key
+        worse_only = metric == "ttft"
+        if (g > cfg.gap) if worse_only else (abs(g) > cfg.gap):
+            fired_gaps[key] = g
+            label = _GAP_LABELS.get(metric, metric or "figure")
+            side = "above" if g > 0 else "below"
+            reasons.append(
+                f"replica {replica}: live {label} {abs(g) * 100:.0f} % {side} prediction"
+            )
+    details["gaps"] = fired_gaps
+
+    return Drift(drifted=bool(reasons), reasons=tuple(reasons), details=details)
+
+
+def replica_gaps(
+    replica: str, live: Mapping[str, Any], predicted: Mapping[str, Any]
+) -> dict[str, float]:
+    """``detect_drift``'s ``gaps`` entries of one replica: ``live / predicted - 1`` for its
+    throughput and TTFT. ``live`` is ``WorkloadWindow.live_metrics``; ``predicted`` a plan
+    group's verified (or predicted) figures. The plan carries no TTFT mean, so a missing
+    ``ttft_mean_ms`` falls back to ``ttft_p50_ms``. Figures missing or zero on either side are
+    skipped (no gap can be told)."""
+    out: dict[str, float] = {}
+    pairs = (
+        ("throughput", "total_throughput_tps", "total_throughput_tps"),
+        ("ttft", "ttft_mean_ms",
+         "ttft_mean_ms" if "ttft_mean_ms" in predicted else "ttft_p50_ms"),
+    )
+    for metric, live_key, pred_key in pairs:
+        lv, pv = live.get(live_key), predicted.get(pred_key)
+        if _number(lv) and _number(pv) and pv > 0:
+            out[f"{replica} {metric}"] = float(lv) / float(pv) - 1.0
+    return out

@@ -1,0 +1,244 @@
+"""The controller's decisions and transitions without Ray: a fake cluster records what it is
+asked to do, so the order of a transition, its rollback, the no-re-plan-on-lost-telemetry rule
+and recovery from the replicas can be checked exactly."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from orchestrator.controller import ControllerCore, ControllerSettings, planned_workload
+from orchestrator.drift import DriftConfig
+from orchestrator.replica import ReplicaSpec
+from orchestrator.routing import ReplicaId
+from orchestrator.serving_spec import ServingSpec
+from orchestrator.transition import Member, TransitionError, execute, plan_transition
+from placement.planner import make_plan
+from placement.policy import PlacementContext
+from placement.predictors import make_predictor
+from twin.config import EngineConfig
+from twin.profile import load_profile
+from twin.workload import AdapterSpec, LengthModel, Workload
+
+IDS = [f"a{i:02d}" for i in range(16)]
+LENGTHS = LengthModel(kind="fixed", prompt=256, output=128)
+
+
+def workload(total: float, hot: Sequence[str] = ("a00", "a01")) -> Workload:
+    rest = [a for a in IDS if a not in hot]
+    return Workload("w", tuple(
+        AdapterSpec(a, 8, total * 0.7 / len(hot) if a in hot else total * 0.3 / len(rest))
+        for a in IDS), LENGTHS)
+
+
+class FakeCluster:
+    """Records every call; ``fail`` names a method that raises."""
+
+    def __init__(self, core_ref: Any = None, fail: str | None = None) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail = fail
+        self.core_ref = core_ref
+        self.found: list[dict[str, Any]] = []
+
+    def _do(self, name: str, arg: Any) -> None:
+        self.calls.append((name, arg))
+        if name == self.fail:
+            raise RuntimeError(f"{name} broke")
+
+    def start(self, items: Sequence[tuple[str, ReplicaSpec]], timeout_s: float) -> None:
+        self._do("start", [ep for ep, _ in items])
+
+    def assign(self, endpoint: str, spec: ReplicaSpec, adapter_ids: frozenset[str]) -> None:
+        self._do("assign", (endpoint, str(spec.replica_id), sorted(adapter_ids)))
+
+    def publish(self, members: Sequence[Member], *, rollback: bool = False) -> int:
+        self._do("publish", "old" if rollback else "new")
+        return 7
+
+    def wait_acked(self, version: int, timeout_s: float) -> None:
+        self._do("wait_acked", version)
+
+    def wait_drained(self, version: int, timeout_s: float) -> None:
+        self._do("wait_drained", version)
+
+    def stop(self, endpoints: Sequence[str]) -> None:
+        self._do("stop", sorted(endpoints))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self.found
+
+    def deploy_ingress(self, routing: Any) -> None:
+        self._do("deploy_ingress", routing["version"])
+
+    def delete_ingress(self) -> None:
+        self._do("delete_ingress", None)
+
+    def stamp(self, endpoints: Sequence[str], stamp: Any) -> None:
+        self._do("stamp", stamp["version"])
+        self.stamps = {ep: dict(stamp) for ep in endpoints}
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+
+def spec(group: str, copy: int, adapters: Sequence[str], max_loras: int = 4) -> ReplicaSpec:
+    from orchestrator.adapter_registry import AdapterEntry
+
+    return ReplicaSpec(group=group, copy=copy, engine_kind="sim",
+                       engine=EngineConfig(max_loras=max_loras),
+                       adapters=tuple(AdapterEntry(a, 8) for a in adapters), model="sim:x")
+
+
+def member(ep: str, s: ReplicaSpec) -> Member:
+    return Member(ep, s.replica_id, s.engine, frozenset(a.id for a in s.adapters))
+
+
+# ------------------------------------------------------------------------------ transition
+def test_plan_transition_retargets_same_config_by_overlap_and_starts_the_rest() -> None:
+    old = [member("e1", spec("g0", 0, ["a", "b"])), member("e2", spec("g1", 0, ["c", "d"])),
+           member("e3", spec("g2", 0, ["x"], max_loras=8))]
+    new = [spec("n0", 0, ["c", "a"]), spec("n1", 0, ["d", "b"]), spec("n2", 0, ["b", "c"]),
+           spec("n3", 0, ["e"], max_loras=2)]
+    names = iter(["new-1", "new-2"])
+    t = plan_transition(old, new, lambda: next(names))
+    assert {(r.member.endpoint, str(r.spec.replica_id)) for r in t.retarget} == {
+        ("e1", "n0/0"), ("e2", "n1/0")} or {
+        (r.member.endpoint, str(r.spec.replica_id)) for r in t.retarget} == {
+        ("e1", "n1/0"), ("e2", "n0/0")}
+    assert [str(s.replica_id) for _, s in t.start] == ["n2/0", "n3/0"]
+    assert [m.endpoint for m in t.stop] == ["e3"]  # nobody else runs max_loras=8
+    assert t.summary()["started"] == 2 and t.summary()["stopped"] == 1
+    assert {m.endpoint for m in t.members} == {"e1", "e2", "new-1", "new-2"}
+
+
+def _transition() -> tuple[Any, list[Member], dict[str, ReplicaSpec]]:
+    s1, s2 = spec("g0", 0, ["a", "b"]), spec("g1", 0, ["c"], max_loras=8)
+    fleet = [member("e1", s1), member("e2", s2)]
+    t = plan_transition(fleet, [spec("n0", 0, ["a", "c"]), spec("n1", 0, ["b"], max_loras=2)],
+                        lambda: "e3")
+    return t, fleet, {"e1": s1, "e2": s2}
+
+
+def test_execute_makes_before_it_breaks() -> None:
+    t, fleet, roles = _transition()
+    ops = FakeCluster()
+    line = execute(t, fleet, ops, roles=roles, start_timeout_s=1, ack_timeout_s=1,
+                   drain_timeout_s=1)
+    assert ops.names() == ["start", "assign", "publish", "wait_acked", "wait_drained",
+                           "assign", "stop"]
+    assert ops.calls[1] == ("assign", ("e1", "g0/0", ["a", "b", "c"]))  # grown: old + new
+    assert ops.calls[5] == ("assign", ("e1", "n0/0", ["a", "c"]))  # shrunk after the drain
+    assert ops.calls[6] == ("stop", ["e2"]) and not line.errors
+
+
+@pytest.mark.parametrize("broken", ["start", "assign", "wait_acked"])
+def test_a_failed_transition_rolls_back(broken: str) -> None:
+    t, fleet, roles = _transition()
+    ops = FakeCluster(fail=broken)
+    with pytest.raises(TransitionError, match=f"{broken} broke.*rolled back"):
+        execute(t, fleet, ops, roles=roles, start_timeout_s=1, ack_timeout_s=1,
+                drain_timeout_s=1)
+    after = ops.calls[ops.names().index(broken) + 1:]
+    assert ("stop", ["e3"]) in after  # the engine started for the new plan is gone
+    if broken == "wait_acked":
+        assert ("publish", "old") in after  # the old table is back
+        assert ("assign", ("e1", "g0/0", ["a", "b"])) in after  # grown engine restored
+    assert not any(n == "stop" and "e2" in a for n, a in ops.calls)  # the old fleet stays
+
+
+# ------------------------------------------------------------------------------ the core
+@pytest.fixture
+def core(tmp_path) -> tuple[ControllerCore, FakeCluster, list[float]]:
+    profile = load_profile("tiny-llama-cpu")
+    ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
+    plan = make_plan(workload(10.0), ctx)
+    plan.to_yaml(tmp_path / "plan.yaml")
+    serving = ServingSpec.from_args({"plan_path": str(tmp_path / "plan.yaml"), "engine": "sim"})
+    now = [1000.0]
+    settings = ControllerSettings(window_s=20, min_span_s=10, verify_window_s=60,
+                                  drift=DriftConfig(gap=10.0))
+    cluster = FakeCluster()
+    c = ControllerCore(serving, settings, cluster, ctx, clock=lambda: now[0])
+    c.verify = functools.partial(c.verify.func, **{**c.verify.keywords, "workers": 1})
+    return c, cluster, now
+
+
+def feed(c: ControllerCore, now: list[float], w: Workload, seconds: int,
+         silent: Sequence[str] = ()) -> None:
+    """One batch per replica per second carrying exactly the expected arrivals of ``w`` (split
+    over the replicas serving each adapter; fractions carried over to the next second)."""
+    owed: dict[tuple[str, str], float] = {}
+    for _ in range(seconds):
+        now[0] += 1.0
+        for ep, m in c.members.items():
+            arrivals = {}
+            for a in w.adapters:
+                if a.id in m.adapters:
+                    n_serving = sum(1 for x in c.members.values() if a.id in x.adapters)
+                    owed[ep, a.id] = owed.get((ep, a.id), 0.0) + a.rate_rps / n_serving
+                    arrivals[a.id] = int(owed[ep, a.id])
+                    owed[ep, a.id] -= arrivals[a.id]
+            if ep in silent:
+                continue
+            c.ingest({"replica": ep, "t_start": now[0] - 1, "t_end": now[0],
+                      "arrivals": arrivals, "finished": {}, "prompt_tokens": {},
+                      "output_tokens": {}, "ttft_ms_sum": 0.0, "latency_ms_sum": 0.0,
+                      "failed": 0, "running": 0, "waiting": 0,
+                      "adapters_held": sorted(m.adapters)})
+
+
+def test_bootstrap_deploys_engines_then_the_ingress(core) -> None:
+    c, cluster, _ = core
+    c.bootstrap()
+    assert cluster.names() == ["start", "deploy_ingress", "wait_acked", "stamp"]
+    assert len(c.members) == c.plan.replicas == 2 and c.version == 1
+    assert c.routing_update("ing-1", {"version": 0})["version"] == 1
+    assert c.routing_update("ing-1", {"version": 1}) is None
+
+
+def test_lost_telemetry_means_no_replan(core) -> None:
+    c, cluster, now = core
+    c.bootstrap()
+    silent = sorted(c.members)[0]
+    feed(c, now, workload(30.0), 25, silent=[silent])
+    out = c.check()
+    assert out["telemetry"] == "incomplete" and silent in out["why"]
+    assert "drift" not in out and "start" not in cluster.names()[4:]
+
+
+def test_a_tripled_load_scales_up_and_a_steady_one_does_not(core) -> None:
+    c, cluster, now = core
+    c.bootstrap()
+    feed(c, now, planned_workload(c.plan), 25)
+    steady = c.check()
+    assert steady["telemetry"] == "complete" and steady["drift"] == []
+    feed(c, now, workload(30.0), 25)
+    out = c.check()
+    assert any("total rate" in r for r in out["drift"])
+    assert out["transition"]["ok"] and c.plan.replicas > 2 == out["transition"]["stopped"] + (
+        out["transition"]["retargeted"])
+    assert c.version == 2 and {k for k in ("drift", "replan", "transition")} <= {
+        e["kind"] for e in c.events}
+
+
+def test_recovery_adopts_the_newest_stamped_fleet(core) -> None:
+    """A restarted controller takes plan, version and fleet from the newest stamp; a member
+    Serve replaced (no stamp) stays a member, an engine no stamp names is stopped."""
+    c, cluster, _ = core
+    c.bootstrap()
+    roles = dict(c.roles)
+    replaced, kept = sorted(roles)
+    cluster.found = [{**cluster.stamps[kept], "endpoint": kept},
+                     {"endpoint": replaced, "version": 0},
+                     {"endpoint": "leftover", "version": 0}]
+    again = ControllerCore(c.serving, c.settings, cluster, c.ctx, clock=c.clock)
+    again.bootstrap()
+    assert set(again.members) == set(roles) and again.version == 1
+    assert again.routing["endpoints"] == {str(s.replica_id): ep for ep, s in roles.items()}
+    assert {ep: s.replica_id for ep, s in again.roles.items()} == {
+        ep: s.replica_id for ep, s in roles.items()}
+    assert cluster.calls[-1] == ("stop", ["leftover"])
+    assert ReplicaId("group-000", 0) in {m.rid for m in again.members.values()}

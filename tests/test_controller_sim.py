@@ -1,0 +1,231 @@
+"""The closed loop on Ray Serve with ``sim`` replicas (real Ray, real Serve, the real controller
+actor): an open-loop load shifts its hot adapters, doubles, then halves; the controller re-plans
+from the replicas' telemetry, scales up and moves adapters, scales down, and not one request
+fails. Then: an engine replica killed under load (retried or an explicit 503, never a hang, and
+replaced), a controller restart that recovers the fleet from the replicas, `whatif`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+import httpx
+import numpy as np
+import pytest
+
+from orchestrator.controller import ControllerSettings
+from orchestrator.drift import DriftConfig
+from orchestrator.live_bench import dispatch_open_loop
+from placement.planner import make_plan
+from placement.policy import PlacementContext
+from placement.predictors import make_predictor
+from twin.profile import load_profile
+from twin.workload import AdapterSpec, LengthModel, Workload, generate_requests
+
+pytestmark = pytest.mark.integration
+
+IDS = [f"a{i:02d}" for i in range(16)]
+LENGTHS = LengthModel(kind="fixed", prompt=256, output=128)
+SETTINGS = ControllerSettings(
+    window_s=10.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=5.0,
+    verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
+    drift=DriftConfig(gap=0.5),
+)
+PHASE_S = 24.0
+RATE = 14.0  # req/s: two replicas (one holds ~11), and twice this needs three (two hold ~23)
+
+
+def shifted_hot(plan) -> list[str]:
+    """Two adapters the starting plan put on the same replica: the hot set moves there."""
+    return list(plan.groups[-1].adapter_ids[-2:])
+
+
+def hot_workload(hot: list[str], total_rps: float, share: float = 0.7) -> Workload:
+    rest = [a for a in IDS if a not in hot]
+    return Workload("shift", tuple(
+        AdapterSpec(a, 8, total_rps * share / len(hot) if a in hot
+                    else total_rps * (1 - share) / len(rest)) for a in IDS), LENGTHS)
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from orchestrator.controller import start_controller
+    from orchestrator.serving_spec import ServingSpec
+
+    profile = load_profile("tiny-llama-cpu")
+    ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
+    plan = make_plan(hot_workload(["a00", "a01"], RATE), ctx)
+    assert plan.replicas == 2  # the scenario below is built on this starting point
+    path = tmp_path_factory.mktemp("ctl") / "plan.yaml"
+    plan.to_yaml(path)
+    spec = ServingSpec.from_args({"plan_path": str(path), "engine": "sim"})
+    actor = start_controller(spec, SETTINGS, name="test-controller")
+    yield actor, plan, ray_cluster.url
+    try:
+        ray.get(actor.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(actor, no_restart=True)
+        serve.delete("lorafleet")
+
+
+async def drive(url: str, phases: list[tuple[Workload, float]], seed: int = 0
+                ) -> tuple[Counter, list[tuple[float, int, str]], float]:
+    """Open-loop Poisson load, phase after phase; returns status counts, (t, status, replica)
+    per request, and the start time."""
+    results: list[tuple[float, int, str]] = []
+    tasks: list[asyncio.Task] = []
+    limits = httpx.Limits(max_connections=3000, max_keepalive_connections=3000)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        t0 = time.monotonic()
+        offset = 0.0
+        for k, (w, seconds) in enumerate(phases):
+            batch = generate_requests(w, duration_s=seconds, seed=seed + k)
+            ids = [w.adapters[i].id for i in batch.adapter]
+
+            async def one(i: int, ids: list[str] = ids, start: float = offset) -> None:
+                t = time.monotonic() - t0
+                try:
+                    r = await client.post("/v1/completions", json={
+                        "model": ids[i], "prompt": [7] * 256, "max_tokens": 128,
+                        "ignore_eos": True})
+                    results.append((t, r.status_code, r.headers.get("x-lorafleet-replica", "")))
+                except httpx.HTTPError as exc:
+                    results.append((t, -1, type(exc).__name__))
+
+            await dispatch_open_loop(np.asarray(batch.arrival_s) + offset, t0, time.monotonic,
+                                     one, tasks)
+            offset += seconds
+        await asyncio.wait_for(asyncio.gather(*tasks), 300)
+    return Counter(s for _, s, _ in results), results, t0
+
+
+def events(actor) -> list[dict]:
+    import ray
+
+    return ray.get(actor.status.remote(1000))["events"]
+
+
+def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
+    import ray
+
+    actor, plan, url = fleet
+    hot = shifted_hot(plan)
+    wall0 = time.time()
+    phases = [(hot_workload(["a00", "a01"], RATE), PHASE_S),  # as planned
+              (hot_workload(hot, RATE), PHASE_S),  # the hot set moves
+              (hot_workload(hot, 2 * RATE), 1.5 * PHASE_S),  # and the total rate doubles
+              (hot_workload(hot, RATE), 1.5 * PHASE_S)]  # then halves
+    counts, results, _ = asyncio.run(drive(url, phases))
+    ev = [e for e in events(actor) if e["t"] >= wall0]
+    for e in ev:  # the run's timeline, shown with -s
+        print(f"{e['t'] - wall0:7.1f} {e['kind']:<11} " + json.dumps(
+            {k: v for k, v in e.items() if k in ("reasons", "reason", "replicas", "started",
+                                                   "stopped", "seconds", "phases", "error")},
+            default=str)[:400])
+    assert counts == Counter({200: len(results)}), counts  # zero failed requests
+
+    transitions = [e for e in ev if e["kind"] == "transition"]
+    assert transitions, "the controller never moved the fleet"
+    up = [e for e in transitions if e["started"] > 0 and e["replicas"] > plan.replicas]
+    assert up, "no scale-up after the rate doubled"
+    assert any(e["adapters_placed_anew"] > 0 for e in transitions)
+    peak = max(e["replicas"] for e in transitions)
+    down = [e for e in transitions if e["t"] > up[0]["t"] and e["replicas"] < peak]
+    assert down and down[-1]["stopped"] > 0, "no scale-down after the load halved"
+    drifts = [e for e in ev if e["kind"] == "drift"]
+    assert any("hot set" in r or "rate" in r for e in drifts for r in e["reasons"])
+
+    status = ray.get(actor.status.remote())
+    assert status["replicas"] < peak
+    assert len(status["members"]) == status["replicas"]  # retired engines are gone
+    # timeline from the moment the rate doubled to the first transition after it
+    doubled = wall0 + 2 * PHASE_S
+    first = min((e for e in drifts if e["t"] >= doubled), key=lambda e: e["t"])
+    moved = min((e for e in transitions if e["t"] >= first["t"]), key=lambda e: e["t"])
+    plans = [e for e in ev if e["kind"] == "replan" and first["t"] <= e["t"] <= moved["t"]]
+    print("timeline after the rate doubled:", json.dumps({
+        "detection_delay_s": round(first["t"] - doubled, 1),
+        "replan_s": [p["seconds"] for p in plans],
+        "first_transition": {k: moved[k] for k in ("seconds", "phases", "replicas", "started",
+                                                   "stopped", "adapters_placed_anew")},
+        "scaled_up_after_s": round(up[0]["t"] - doubled, 1),
+        "failed_requests": len(results) - counts[200], "requests": len(results)}))
+
+
+def engine_actor(endpoint: str):
+    """The Ray actor of the one Serve replica of an engine application (Serve names replica
+    actors ``SERVE_REPLICA::<app>#<deployment>#<id>`` in its namespace)."""
+    import ray
+
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve"
+             and a["name"].startswith(f"SERVE_REPLICA::{endpoint}#engine#")]
+    assert len(found) == 1, found
+    return ray.get_actor(found[0]["name"], namespace="serve")
+
+
+def test_killed_replica_and_restarted_controller_lose_no_request_silently(fleet) -> None:
+    """Under load: an engine replica is killed (its requests end 200 or an explicit 503, none
+    hangs; Serve replaces it and it serves again), then the controller is killed and Ray
+    restarts it (it recovers the fleet from the replicas; traffic never notices); `whatif`
+    answers from the live estimate without applying anything."""
+    import concurrent.futures
+
+    import ray
+
+    actor, plan, url = fleet
+    before = ray.get(actor.status.remote())
+    members = before["members"]
+    victim = sorted(members)[0]
+    victim_replica = members[victim]["replica"]
+    load = hot_workload(shifted_hot(plan), RATE)  # what the fleet was last sized for
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(asyncio.run, drive(url, [(load, 40.0)], seed=7))
+        time.sleep(10)
+        ray.kill(engine_actor(victim), no_restart=False)
+        time.sleep(10)
+        ray.kill(actor, no_restart=False)  # Ray restarts the detached controller
+        deadline = time.time() + 90
+        after: dict = {}
+        while True:
+            try:
+                after = ray.get(actor.status.remote(), timeout=10)
+                if any(e["kind"] == "recovered" for e in after["events"]):
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, f"the restarted controller did not recover: {after}"
+            time.sleep(1)
+        counts, results, _ = running.result(timeout=400)
+    assert set(counts) <= {200, 503}, counts  # explicit statuses only: nothing hung or reset
+    assert counts[200] >= 0.9 * len(results), counts
+    late = [s for t, s, rep in results if t > 25.0]
+    assert late and all(s == 200 for s in late)  # the replaced replica serves again
+    assert after["version"] == before["version"] and set(after["members"]) == set(members)
+    assert after["members"][victim]["replica"] == victim_replica
+
+
+def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
+    import concurrent.futures
+
+    import ray
+
+    actor, plan, url = fleet
+    load = hot_workload(shifted_hot(plan), RATE)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(asyncio.run, drive(url, [(load, 25.0)], seed=11))
+        time.sleep(18)
+        before = ray.get(actor.status.remote())
+        more = ray.get(actor.whatif.remote(rate_scale=3.0), timeout=300)
+        fewer = ray.get(actor.whatif.remote(remove=IDS[8:]), timeout=300)
+        counts, _, _ = running.result(timeout=300)
+    assert more["replicas"] > before["replicas"] and more["workload"]["total_rate_rps"] > 15
+    assert fewer["workload"]["adapters"] == 8 and fewer["plan"]["routing"].keys() == set(IDS[:8])
+    after = ray.get(actor.status.remote())
+    assert after["version"] == before["version"]  # nothing was applied
+    assert set(counts) == {200}
