@@ -727,6 +727,9 @@ def controller_actor_class() -> Any:
             self._ensure_started()
             return self.core.routing_update(ingress, state)
 
+        async def role(self, endpoint: str) -> ReplicaSpec | None:
+            return self.core.roles.get(endpoint)
+
         async def check(self) -> dict[str, Any]:
             return await asyncio.to_thread(self.core.check)
 

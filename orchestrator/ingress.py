@@ -190,9 +190,9 @@ class IngressCore:
             finally:
                 self._release(t)
             if "error" in result:
-                err = ServingError.from_dict(result["error"])
-                self._count(model, rid, err.status)
-                err.replica = rid  # type: ignore[attr-defined]
+                err = self._refusal(model, rid, result["error"], len(tried))
+                if err is None:
+                    continue
                 raise err
             self.m_latency.labels(str(rid)).observe(self.clock() - t0)
             self._count(model, rid, 200)
@@ -231,11 +231,28 @@ class IngressCore:
             if "error" in first:
                 self._release(t)
                 await _close(it)
-                err = ServingError.from_dict(first["error"])
-                self._count(model, rid, err.status)
-                err.replica = rid  # type: ignore[attr-defined]
+                err = self._refusal(model, rid, first["error"], len(tried))
+                if err is None:
+                    continue
                 raise err
             return OpenStream(t, first, it)
+
+    def _refusal(self, model: str, rid: ReplicaId, error: Mapping[str, Any], tries: int
+                 ) -> ServingError | None:
+        """A replica's refusal as the error to answer with, or None to try another copy. A
+        replica that lacks an adapter the table routes to it is being re-targeted or was just
+        replaced by Serve: that is our inconsistency, not the client's, so it is retried once
+        and otherwise a 503 - never a 404 for an adapter this deployment serves."""
+        err = ServingError.from_dict(error)
+        self._count(model, rid, err.status)
+        if err.status == 404 and self.table.knows(model):
+            if tries < 2:
+                self.retried += 1
+                return None
+            err = EngineUnavailable(f"replica {rid} does not hold {model!r} yet (it is being "
+                                    f"re-targeted or was just restarted); retry shortly")
+        err.replica = rid  # type: ignore[attr-defined]
+        return err
 
     def _count(self, model: str, rid: ReplicaId | None, status: int) -> None:
         self.m_requests.labels(model, str(rid) if rid else "none", str(status)).inc()

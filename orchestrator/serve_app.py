@@ -54,9 +54,11 @@ class EngineDeployment:
 
     async def __init__(self, spec: ReplicaSpec, controller: tuple[str, str] | None = None,
                        endpoint: str | None = None) -> None:
+        self.endpoint = endpoint or str(spec.replica_id)
+        if controller is not None:
+            spec = await _current_role(controller, self.endpoint) or spec
         self.core = ReplicaCore(spec)
         await self.core.start()
-        self.endpoint = endpoint or str(spec.replica_id)
         self.stamp_: dict[str, Any] = {"version": 0}  # set by the controller (recovery)
         self._push: asyncio.Task | None = None
         if controller is not None:
@@ -107,6 +109,20 @@ class EngineDeployment:
         if self._push is not None:
             self._push.cancel()
         await self.core.stop()
+
+
+async def _current_role(controller: tuple[str, str], endpoint: str) -> ReplicaSpec | None:
+    """The role the controller has for ``endpoint`` now. Serve re-creates a crashed replica
+    with its original arguments; a replica re-targeted since then must come back with its
+    current adapters, not those it was first deployed with. None when the controller does not
+    know the endpoint yet (a new engine) or cannot be reached (it re-assigns later)."""
+    import ray
+
+    try:
+        actor = ray.get_actor(controller[0], namespace=controller[1])
+        return await asyncio.wait_for(actor.role.remote(endpoint), PUSH_TIMEOUT_S)
+    except Exception:
+        return None
 
 
 class HandleClient:

@@ -202,6 +202,8 @@ def test_killed_replica_and_restarted_controller_lose_no_request_silently(fleet)
             assert time.time() < deadline, f"the restarted controller did not recover: {after}"
             time.sleep(1)
         counts, results, _ = running.result(timeout=400)
+    print("killed replica + restarted controller:", dict(counts), "requests:", len(results),
+          "recovered:", [e for e in after["events"] if e["kind"] == "recovered"])
     assert set(counts) <= {200, 503}, counts  # explicit statuses only: nothing hung or reset
     assert counts[200] >= 0.9 * len(results), counts
     late = [s for t, s, rep in results if t > 25.0]
@@ -226,6 +228,6 @@ def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
         counts, _, _ = running.result(timeout=300)
     assert more["replicas"] > before["replicas"] and more["workload"]["total_rate_rps"] > 15
     assert fewer["workload"]["adapters"] == 8 and fewer["plan"]["routing"].keys() == set(IDS[:8])
-    after = ray.get(actor.status.remote())
-    assert after["version"] == before["version"]  # nothing was applied
+    after = ray.get(actor.status.remote())  # neither answer became the deployed plan
+    assert set(after["plan"]["routing"]) == set(IDS) and after["replicas"] < more["replicas"]
     assert set(counts) == {200}

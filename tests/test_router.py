@@ -316,6 +316,36 @@ def test_dead_replica_fails_explicitly(sim_stack) -> None:
     asyncio.run(retry())
 
 
+def test_a_replica_lacking_a_routed_adapter_is_retried_then_503_never_404() -> None:
+    """A replica re-targeted away from an adapter (or restarted by Serve with its first
+    adapters) refuses it; the ingress tries the other copy, and with none left answers 503."""
+    from orchestrator.adapter_registry import AdapterEntry
+    from orchestrator.engine_backend import EngineUnavailable
+
+    plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
+
+    async def run() -> None:
+        stale, good = ReplicaCore(_spec_for(plan, 0)), ReplicaCore(_spec_for(plan, 1))
+        for c in (stale, good):
+            await c.start()
+        await stale.assign("g", 0, [AdapterEntry("other", 8, uri="sim://other")])
+        both = IngressCore(RoutingTable.from_plan(plan),
+                           {ReplicaId("g", 0): LocalClient(stale),
+                            ReplicaId("g", 1): LocalClient(good)}, engine="sim")
+        for i in range(4):  # whichever copy is picked first, the answer comes from g/1
+            rid, res = await both.complete("a", GenerateRequest(f"r{i}", "a", 2, prompt="x"))
+            assert rid == ReplicaId("g", 1) and res["completion_tokens"] == 2
+        one = synthetic_plan([GroupShape("g", [("a", 8)])])
+        alone = IngressCore(RoutingTable.from_plan(one), {ReplicaId("g", 0): LocalClient(stale)},
+                            engine="sim")
+        with pytest.raises(EngineUnavailable):
+            await alone.complete("a", GenerateRequest("s", "a", 2, prompt="x"))
+        with pytest.raises(UnknownModel, match="nope"):  # a truly unknown model stays a 404
+            alone.authorize(None, "nope")
+
+    asyncio.run(run())
+
+
 def _spec_for(plan, copy: int):
     from orchestrator.replica import ReplicaSpec
 
