@@ -33,7 +33,7 @@ from placement.plan import (
     normalise_metrics,
 )
 from placement.policy import PlacementContext
-from placement.replica_optimum import ReplicaOptimum, check_rank_fits, optimise
+from placement.replica_optimum import ReplicaOptimum, check_rank_fits, loads_feasible, optimise
 from twin.config import ConfigError
 from twin.profile import InfeasibleConfigError
 from twin.replica import ReplicaLoad
@@ -97,8 +97,9 @@ class WorkloadIndex:
              ) -> ReplicaLoad:
         """The replica receiving ``shares[k]`` of adapter ``positions[k]``'s traffic."""
         pos = np.asarray(positions, dtype=np.int64)
+        ids = self.ids
         return ReplicaLoad(
-            adapter_ids=tuple(self.ids[i] for i in pos),
+            adapter_ids=tuple([ids[i] for i in pos.tolist()]),
             ranks=self.ranks[pos],
             rates_rps=self.rates[pos] * np.asarray(shares, dtype=np.float64),
             lengths=self.workload.lengths,
@@ -157,13 +158,29 @@ def lpt_assign(sizes: Sequence[float] | np.ndarray, k: int,
     ``initial``: loads the bins already carry.
     """
     sizes = np.asarray(sizes, dtype=np.float64)
-    heap = [(float(initial[b]) if initial is not None else 0.0, b) for b in range(k)]
+    order = np.argsort(-sizes, kind="stable")
+    ranked = sizes[order].tolist()
+    assigned = [0] * len(ranked)
+    start = 0
+    if initial is None:
+        # all bins start empty, so the heap would hand the m = min(k, n) largest items bins
+        # 0..m-1 in turn (each then weighs more than the empty ones) if they are all > 0:
+        # done directly, which is most of the work when k is near n
+        start = min(k, len(ranked))
+        if start and not ranked[start - 1] > 0:
+            start = 0
+        assigned[:start] = range(start)
+        heap = [(s, b) for b, s in enumerate(ranked[:start])]
+        heap += [(0.0, b) for b in range(start, k)]
+    else:
+        heap = [(float(initial[b]), b) for b in range(k)]
     heapq.heapify(heap)
-    out = np.empty(len(sizes), dtype=np.int64)
-    for i in np.argsort(-sizes, kind="stable"):
+    for pos in range(start, len(ranked)):
         load, b = heap[0]
-        out[i] = b
-        heapq.heapreplace(heap, (load + float(sizes[i]), b))
+        assigned[pos] = b
+        heapq.heapreplace(heap, (load + ranked[pos], b))
+    out = np.empty(len(ranked), dtype=np.int64)
+    out[order] = assigned
     return out
 
 
@@ -172,8 +189,7 @@ def specs_feasible(
 ) -> list[bool]:
     """Whether each replica has a feasible max_loras (one batched predictor call)."""
     loads = [index.load_of(s) for s in specs]
-    optima = optimise(loads, ctx, headroom=False, max_loras=[s.max_loras for s in specs])
-    return [o.feasible for o in optima]
+    return loads_feasible(loads, ctx, max_loras=[s.max_loras for s in specs])
 
 
 def size_replicas(

@@ -11,18 +11,21 @@ Steps (docs/placement.md#packing), each a few batched predictor calls:
    (so one rank-64 adapter never turns a replica of rank-8 adapters into a rank-64 one) by a
    binary search on the replica count k, starting at the lower bound: the class's items (largest
    first) go to the lightest of k bins (LPT), and k is feasible when every bin has a feasible
-   max_loras (one predictor call over all bins x candidates). Before a lower class opens its own
-   replicas, it fills the spare capacity (headroom) the higher-rank replicas already have:
-   the only mixing of ranks, and only where it saves capacity that would be wasted.
+   max_loras (batched predictor calls over the bins not judged before, stopping at the first
+   infeasible one). Before a lower class opens its own replicas, it fills the spare capacity
+   (headroom) the higher-rank replicas already have: the only mixing of ranks, and only where
+   it saves capacity that would be wasted.
 3. The same packing with every adapter in one class (at the largest rank) is also tried; the
-   plan with fewer replicas wins (ties: the rank-aware one).
+   plan with fewer replicas wins (ties: the rank-aware one). Its search stops as soon as it
+   cannot end with fewer.
 4. Reduction: replicas are emptied into the others' spare capacity, lightest first.
 5. Repair: any replica still infeasible at the end (a noisy predictor) is split in two.
 6. Margin: with the replica count fixed, the packing is redone at tighter target utilisations
    (bisection between 60 % and 100 % of the requested one, three packings) and the tightest that
    needs no more replicas is kept, so the minimal fleet keeps the widest margin it can (packing
    to the edge can leave a replica saturated, with TTFTs of minutes, where an even spread of
-   the same replicas has headroom on all of them).
+   the same replicas has headroom on all of them). A trial packing stops as soon as it is sure
+   to need more replicas.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from placement.replica_optimum import (
     ReplicaOptimum,
     _config,
     check_rank_fits,
+    loads_feasible,
     max_feasible_scale,
     optimise,
 )
@@ -62,6 +66,10 @@ MAX_REDUCTIONS = 4
 MARGIN_FLOOR = 0.6
 MARGIN_STEPS = 3
 MAX_REPAIRS = 4
+# a probe of the search on k judges its new bins in chunks of doubling size, from 1/PROBE_CHUNKS
+# of them (at least PROBE_CHUNK_MIN), and stops at the first infeasible one
+PROBE_CHUNKS = 16
+PROBE_CHUNK_MIN = 16
 
 
 @dataclass
@@ -94,7 +102,9 @@ class LorafleetPolicy:
         index = WorkloadIndex(workload)
         bound = ctx.lower_bound or compute_lower_bound(workload, ctx, index=index)
         ctx = replace(ctx, lower_bound=bound)
-        specs, optima = _pack(index, ctx, bound)
+        packed = _pack(index, ctx, bound)
+        assert packed is not None  # only a limited packing gives up
+        specs, optima = packed
         count = _replicas(specs)
         # fewest replicas first; then the widest margin that still needs no more of them
         # (bisection on a factor of the target utilisation, down to MARGIN_FLOOR)
@@ -106,8 +116,9 @@ class LorafleetPolicy:
             if tighter.target_utilisation * _reach(optima) >= 1.0:
                 ok, ctx = factor, tighter  # the plan in hand already keeps this margin
                 continue
-            trial = _pack(index, tighter, bound)
-            if _replicas(trial[0]) <= count and all(o.feasible for o in trial[1]):
+            trial = _pack(index, tighter, bound, within=count)
+            if (trial is not None and _replicas(trial[0]) <= count
+                    and all(o.feasible for o in trial[1])):
                 ok, ctx, (specs, optima) = factor, tighter, trial
             else:
                 bad = factor
@@ -131,16 +142,28 @@ def _replicas(specs: list[ReplicaSpec]) -> int:
 
 
 def _pack(
-    index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound
-) -> tuple[list[ReplicaSpec], list[ReplicaOptimum]]:
-    """One packing run (steps 1-5 of the module docstring) at ``ctx``'s margin."""
+    index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound, within: int | None = None
+) -> tuple[list[ReplicaSpec], list[ReplicaOptimum]] | None:
+    """One packing run (steps 1-5 of the module docstring) at ``ctx``'s margin.
+
+    ``within``: only a plan of at most that many replicas is of use; None as soon as the
+    packing is sure to need more (the margin trials, most of which need more, stop early).
+    Reduction removes at most one bin per attempt and repair never removes one, so a packing
+    of ``limit`` bins or more ends above ``within``; and the merged packing (step 3) is only
+    of use with fewer bins than the rank-aware one. Both searches on k stop once their
+    result is sure to reach such a limit, so the plan is the one the full runs would give.
+    """
     packer = _Packer(index, ctx, bound)
     dedicated = packer.split_hot()
-    bins = packer.pack(by_rank=True)
+    limit = None if within is None else within - _replicas(dedicated) + MAX_REDUCTIONS + 1
+    bins = packer.pack(by_rank=True, fewer_than=limit)
     if len(set(packer.items.rank.tolist())) > 1:
-        merged = packer.pack(by_rank=False)
-        if len(merged) < len(bins):
+        useful = limit if bins is None else len(bins)
+        merged = packer.pack(by_rank=False, fewer_than=useful)
+        if merged is not None and (bins is None or len(merged) < len(bins)):
             bins = merged
+    if bins is None:
+        return None
     bins = packer.reduce(bins)
     bins, optima = packer.repair(bins)
     ded_optima = optimise(
@@ -157,6 +180,13 @@ class _Packer:
         self.ctx = ctx
         self.bound = bound
         self.items = _Items(*(np.zeros(0, dtype=t) for t in (np.int64, float, float, np.int64)))
+        # feasibility of a bin by its items (in order): the search on k and the fill bisection
+        # judge the same bins again and again (near k = n most bins are the same single items)
+        self._verdicts: dict[tuple[int, ...], bool] = {}
+        # items' sizes and slot ranks as Python numbers: bins are built item by item, a few
+        # hundred thousand times per plan on large workloads
+        self._size_of: list[float] = []
+        self._rank_of: list[int] = []
 
     # -- hot adapters -----------------------------------------------------------------------
     def split_hot(self) -> list[ReplicaSpec]:
@@ -186,13 +216,17 @@ class _Packer:
                                          name=_hot_name(idx.ids[p], len(dedicated))))
             share[p] = 1.0 - copies * per_copy
         keep = share > 1e-9
+        self._verdicts.clear()
         self.items = _Items(pos=np.flatnonzero(keep), share=share[keep],
                             size=(size * share)[keep], rank=slot[keep])
+        self._size_of = self.items.size.tolist()
+        self._rank_of = self.items.rank.tolist()
         return dedicated
 
     # -- packing ----------------------------------------------------------------------------
-    def pack(self, *, by_rank: bool) -> list[_Bin]:
-        """Rank classes from the highest down; each fills existing spare, then opens bins."""
+    def pack(self, *, by_rank: bool, fewer_than: int | None = None) -> list[_Bin] | None:
+        """Rank classes from the highest down; each fills existing spare, then opens bins.
+        None once the packing is sure to end with ``fewer_than`` bins or more."""
         items = self.items
         bins: list[_Bin] = []
         classes = sorted(set(items.rank.tolist()), reverse=True) if by_rank else [None]
@@ -202,33 +236,55 @@ class _Packer:
             if bins:
                 left = self.fill(bins, left)
             if left:
-                bins += self.pack_class(np.array(left, dtype=np.int64))
+                opened = self.pack_class(
+                    np.array(left, dtype=np.int64),
+                    fewer_than=None if fewer_than is None else fewer_than - len(bins),
+                )
+                if opened is None:
+                    return None
+                bins += opened
         return bins
 
-    def pack_class(self, pool: np.ndarray) -> list[_Bin]:
-        """Fewest LPT-balanced bins of ``pool`` with every bin feasible (search on k)."""
+    def pack_class(self, pool: np.ndarray, fewer_than: int | None = None) -> list[_Bin] | None:
+        """Fewest LPT-balanced bins of ``pool`` with every bin feasible (search on k).
+
+        None as soon as the result is sure to have ``fewer_than`` bins or more: with every
+        item's size > 0, LPT fills all k <= n bins, and the search never settles below its
+        current lower end ``lo``.
+        """
         sizes = self.items.size[pool]
+        exact_count = bool(np.all(sizes > 0))
+
+        def hopeless(lo: int) -> bool:
+            return fewer_than is not None and exact_count and lo >= fewer_than
+
         cap = self.bound.capacity_for(int(self.items.rank[pool].max())) or 0.0
         hi = len(pool)
         # start below the class's bound: its capacity is for the class's mix, and a pool of
         # hotter adapters (fewer per replica) can beat it
         lo = min(hi, max(1, int(0.75 * sizes.sum() / cap)) if cap > 0 else 1)
-        tried: dict[int, tuple[bool, list[_Bin]]] = {}
+        items = pool.tolist()
+        tried: dict[int, tuple[bool, list[list[int]]]] = {}  # k -> (feasible, bins' items)
 
         def probe(k: int) -> bool:
             if k not in tried:
-                bins = [_Bin(rank=0) for _ in range(k)]
-                for item, b in zip(pool.tolist(), lpt_assign(sizes, k).tolist(), strict=True):
-                    self._add(bins[b], item)
-                bins = [b for b in bins if b.items]
-                tried[k] = (all(self.feasible(bins)), bins)
+                groups: list[list[int]] = [[] for _ in range(k)]
+                for item, b in zip(items, lpt_assign(sizes, k).tolist(), strict=True):
+                    groups[b].append(item)
+                groups = [g for g in groups if g]
+                tried[k] = (self.all_feasible(groups), groups)
             return tried[k][0]
 
+        if hopeless(lo):
+            return None
         k = lo
         while not probe(k):
             if k >= hi:
-                return tried[k][1]  # even one item per bin fails: repair and report downstream
+                # even one item per bin fails: repair and report downstream
+                return [self._bin(g) for g in tried[k][1]]
             lo = k + 1
+            if hopeless(lo):
+                return None
             k = min(hi, max(k + 1, int(k * 1.25) + 1))
         good = k
         while lo < good:
@@ -237,7 +293,7 @@ class _Packer:
                 good = mid
             else:
                 lo = mid + 1
-        return tried[good][1]
+        return [self._bin(g) for g in tried[good][1]]
 
     def fill(self, bins: list[_Bin], pool: list[int], *, allow_raise: bool = False) -> list[int]:
         """Put pool items into the bins' spare capacity; returns the items left over.
@@ -281,8 +337,7 @@ class _Packer:
         hi = {j: len(v) for j, v in added.items()}
         probe = dict(hi)
         while probe:
-            trial = {j: self._bin(base[j] + added[j][:m]) for j, m in probe.items()}
-            verdict = self.feasible(list(trial.values()))
+            verdict = self.feasible([base[j] + added[j][:m] for j, m in probe.items()])
             for (j, m), good in zip(probe.items(), verdict, strict=True):
                 if good:
                     lo[j] = m
@@ -315,7 +370,7 @@ class _Packer:
     def repair(self, bins: list[_Bin]) -> tuple[list[_Bin], list[ReplicaOptimum]]:
         """Final per-replica optimum; split any infeasible multi-item bin in two and retry."""
         for _ in range(MAX_REPAIRS):
-            optima = optimise([self.load(b) for b in bins], self.ctx, headroom=True)
+            optima = optimise([self.load(b.items) for b in bins], self.ctx, headroom=True)
             bad = {j for j, o in enumerate(optima) if not o.feasible and len(bins[j].items) > 1}
             if not bad:
                 return bins, optima
@@ -327,23 +382,51 @@ class _Packer:
                     self._add(halves[h], item)
                 out += [h for h in halves if h.items]
             bins = out
-        return bins, optimise([self.load(b) for b in bins], self.ctx, headroom=True)
+        return bins, optimise([self.load(b.items) for b in bins], self.ctx, headroom=True)
 
     # -- helpers ----------------------------------------------------------------------------
-    def feasible(self, bins: list[_Bin]) -> list[bool]:
-        """Whether each bin has a feasible max_loras (one predictor call)."""
-        return [o.feasible for o in optimise([self.load(b) for b in bins], self.ctx,
-                                              headroom=False)]
+    def feasible(self, groups: list[list[int]]) -> list[bool]:
+        """Whether each bin (given by its items) has a feasible max_loras: one predictor call
+        for the bins not judged before (a bin's verdict depends only on its items, in order,
+        the context being fixed; searches judge the same bins again and again, and near k = n
+        most bins are the same single items)."""
+        keys = [tuple(g) for g in groups]
+        todo = {k: g for k, g in zip(keys, groups, strict=True) if k not in self._verdicts}
+        if todo:
+            verdicts = loads_feasible([self.load(g) for g in todo.values()], self.ctx)
+            self._verdicts.update(zip(todo, verdicts, strict=True))
+        return [self._verdicts[k] for k in keys]
+
+    def all_feasible(self, groups: list[list[int]]) -> bool:
+        """Whether every bin is feasible, judging as few bins as it takes: none when one is
+        known not to be, else the unjudged ones in chunks of doubling size (the first
+        ``1 / PROBE_CHUNKS`` of them, at least ``PROBE_CHUNK_MIN``), stopping at the first
+        infeasible bin. A search on k mostly probes infeasible k, settled by an early chunk."""
+        todo = []
+        for g in groups:
+            verdict = self._verdicts.get(tuple(g))
+            if verdict is False:
+                return False
+            if verdict is None:
+                todo.append(g)
+        start, size = 0, max(PROBE_CHUNK_MIN, len(todo) // PROBE_CHUNKS)
+        while start < len(todo):
+            if not all(self.feasible(todo[start : start + size])):
+                return False
+            start, size = start + size, 2 * size
+        return True
 
     def measure(self, bins: list[_Bin]) -> None:
         """Headroom of every bin whose headroom is unknown (one batched search)."""
         todo = [b for b in bins if b.headroom is None]
         if todo:
-            for b, o in zip(todo, optimise([self.load(b) for b in todo], self.ctx), strict=True):
+            optima = optimise([self.load(b.items) for b in todo], self.ctx)
+            for b, o in zip(todo, optima, strict=True):
                 b.headroom = o.headroom if o.feasible and o.headroom is not None else 0.0
 
-    def load(self, b: _Bin) -> ReplicaLoad:
-        return self.index.load(self.items.pos[b.items], self.items.share[b.items])
+    def load(self, items: list[int]) -> ReplicaLoad:
+        """The replica serving these items."""
+        return self.index.load(self.items.pos[items], self.items.share[items])
 
     def spec(self, b: _Bin) -> ReplicaSpec:
         ids, items = self.index.ids, self.items
@@ -357,8 +440,10 @@ class _Packer:
 
     def _add(self, b: _Bin, item: int) -> None:
         b.items.append(item)
-        b.size += float(self.items.size[item])
-        b.rank = max(b.rank, int(self.items.rank[item]))
+        b.size += self._size_of[item]
+        rank = self._rank_of[item]
+        if rank > b.rank:
+            b.rank = rank
         b.headroom = None
 
     def _remove(self, b: _Bin, item: int) -> None:

@@ -3,7 +3,9 @@ max_cpu_loras) serves it best within memory, and how much more load it could tak
 
 Everything here is batched: a policy hands in all its replicas at once and each step of a search
 is ONE predictor call over every (replica, candidate) pair, so a microsecond surrogate is not
-drowned in Python overhead and a slow twin predictor is called as rarely as possible.
+drowned in Python overhead and a slow twin predictor is called as rarely as possible. (A bare
+feasibility verdict, ``loads_feasible``, takes up to three calls: the candidates most often
+feasible first, the others only for the replicas still undecided.)
 
 Rules (also in docs/placement.md):
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -34,12 +37,18 @@ from placement.errors import PlacementError
 from placement.policy import PlacementContext
 from twin.config import ConfigError, EngineConfig
 from twin.profile import InfeasibleConfigError
-from twin.replica import ReplicaLoad
+from twin.replica import ReplicaLoad, predict_columns
 from twin.simulate import smallest_valid_rank
 
 MAX_SCALE = 1024.0
 MIN_SCALE = 1.0 / 1024.0
 _ESTIMATES = 3  # capacity-estimate jumps per search, then plain bisection
+# candidates ``loads_feasible`` judges per load in its first stages (largest max_loras first)
+# before all the rest: on packing searches most feasible loads are feasible at the first. Only
+# batches of at least _STAGED_FROM pairs are staged: on small ones the predictor's cost per
+# call (milliseconds for the analytic one) outweighs the predictions saved.
+_FEASIBLE_STAGES = (1, 1)
+_STAGED_FROM = 256
 
 
 @dataclass(frozen=True)
@@ -89,14 +98,26 @@ def candidates(ctx: PlacementContext, n_adapters: int, cap: int) -> list[int]:
 
 
 def _config(ctx: PlacementContext, max_loras: int, n_adapters: int, rank: int) -> EngineConfig:
+    return _engine(max_loras, max(max_loras, n_adapters), rank, ctx.max_num_seqs,
+                   ctx.max_num_batched_tokens, ctx.block_size, ctx.max_model_len)
+
+
+@lru_cache(maxsize=1 << 16, typed=True)
+def _engine(
+    max_loras: int, max_cpu_loras: int, rank: int, max_num_seqs: int, max_num_batched_tokens: int,
+    block_size: int, max_model_len: int | None,
+) -> EngineConfig:
+    """One shared (frozen, so safely shared) EngineConfig per set of values: searches ask for
+    the same few hundred configs hundreds of thousands of times, and each construction runs
+    vLLM's validation. Invalid values raise every time (exceptions are not cached)."""
     return EngineConfig(
         max_loras=max_loras,
-        max_cpu_loras=max(max_loras, n_adapters),
+        max_cpu_loras=max_cpu_loras,
         max_lora_rank=rank,
-        max_num_seqs=ctx.max_num_seqs,
-        max_num_batched_tokens=ctx.max_num_batched_tokens,
-        block_size=ctx.block_size,
-        max_model_len=ctx.max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        block_size=block_size,
+        max_model_len=max_model_len,
     )
 
 
@@ -122,6 +143,14 @@ def is_feasible(pred: dict[str, Any], ctx: PlacementContext) -> bool:
     return offered <= 0 or float(pred["total_throughput_tps"]) >= (
         ctx.min_served_fraction * offered
     )
+
+
+def feasible_rows(cols: dict[str, np.ndarray], ctx: PlacementContext) -> np.ndarray:
+    """``is_feasible`` of every row of ``predict_columns`` output at once (same float64
+    arithmetic, so the same verdicts)."""
+    offered = cols["offered_total_tps"]
+    served_enough = cols["total_throughput_tps"] >= ctx.min_served_fraction * offered
+    return ~cols["starved"].astype(bool) & ((offered <= 0) | served_enough)
 
 
 def _next_probe(
@@ -155,12 +184,8 @@ def scaled_load(load: ReplicaLoad, factor: float) -> ReplicaLoad:
     """
     if factor == 1.0:
         return load
-    new = object.__new__(ReplicaLoad)
-    object.__setattr__(new, "adapter_ids", load.adapter_ids)
-    object.__setattr__(new, "ranks", load.ranks)
-    object.__setattr__(new, "rates_rps", load.rates_rps * float(factor))
-    object.__setattr__(new, "lengths", load.lengths)
-    return new
+    return ReplicaLoad.trusted(load.adapter_ids, load.ranks, load.rates_rps * float(factor),
+                               load.lengths)
 
 
 def max_feasible_scale(
@@ -192,18 +217,20 @@ def max_feasible_scale(
     active = [i for i in range(n) if loads[i].total_rate_rps > 0]
     lo[[i for i in range(n) if loads[i].total_rate_rps <= 0]] = MAX_SCALE
     while active:
-        preds = ctx.predictor.predict(
-            [scaled_load(loads[i], probe[i]) for i in active], [configs[i] for i in active]
+        cols = predict_columns(
+            ctx.predictor,
+            [scaled_load(loads[i], probe[i]) for i in active], [configs[i] for i in active],
         )
+        verdicts = feasible_rows(cols, ctx).tolist()
+        offered_all = cols["offered_total_tps"].tolist()
+        served_all = cols["total_throughput_tps"].tolist()
         still = []
-        for i, pred in zip(active, preds, strict=True):
-            feasible = is_feasible(pred, ctx)
+        for i, feasible, offered, served in zip(active, verdicts, offered_all, served_all,
+                                                strict=True):
             if feasible:
                 lo[i] = probe[i]
             else:
                 hi[i] = probe[i]
-                offered = float(pred["offered_total_tps"])
-                served = float(pred["total_throughput_tps"])
                 estimate[i] = probe[i] * served / offered if offered > 0 and served > 0 else 0.0
             nxt = _next_probe(lo[i], hi[i], estimate[i], feasible, from_estimate[i],
                               uses[i] < _ESTIMATES, tol)
@@ -235,19 +262,8 @@ def optimise(
     """
     if not loads:
         return []
-    fixed = list(max_loras) if max_loras is not None else [None] * len(loads)
     u = ctx.target_utilisation
-    caps: dict[int, int] = {}
-    cands: list[list[EngineConfig]] = []
-    for load, pin in zip(loads, fixed, strict=True):
-        rank = slot_rank(load)
-        if rank not in caps:
-            caps[rank] = check_rank_fits(ctx, rank)
-        if pin is not None:
-            cands.append([engine_config(ctx, load, pin)])
-        else:
-            gs = candidates(ctx, load.n_adapters, caps[rank])
-            cands.append([_config(ctx, g, load.n_adapters, rank) for g in gs])
+    cands = _candidate_configs(loads, ctx, max_loras)
     judged = [scaled_load(ld, 1.0 / u) for ld in loads]
     pair_load = [judged[i] for i, cs in enumerate(cands) for _ in cs]
     pair_cfg = [c for cs in cands for c in cs]
@@ -298,6 +314,74 @@ def optimise(
             )
         )
     return out
+
+
+def loads_feasible(
+    loads: Sequence[ReplicaLoad],
+    ctx: PlacementContext,
+    *,
+    max_loras: Sequence[int | None] | None = None,
+) -> list[bool]:
+    """Whether each load has a feasible max_loras: ``optimise(..., headroom=False)``'s verdict
+    (same candidates, judged at load / ``target_utilisation``) without choosing a config or
+    predicting the figures at the actual load, which sizing searches never read.
+
+    Only the verdict matters, so the candidates of a large batch are judged in stages, largest
+    max_loras first (on packing searches, the candidate most often feasible): each stage is one
+    predictor call over the loads not yet found feasible, ``_FEASIBLE_STAGES`` candidates each,
+    then all the rest. Predictions are per pair, so this finds what judging every candidate
+    would, with one prediction instead of ten or more for most feasible loads.
+    """
+    if not loads:
+        return []
+    u = ctx.target_utilisation
+    order = [cs[::-1] for cs in _candidate_configs(loads, ctx, max_loras)]
+    judged = [scaled_load(ld, 1.0 / u) for ld in loads]
+    verdict = [False] * len(loads)
+    pending = list(range(len(loads)))
+    start = 0
+    staged = sum(len(cs) for cs in order) >= _STAGED_FROM
+    for take in (*(_FEASIBLE_STAGES if staged else ()), None):
+        stop = None if take is None else start + take
+        owner = [i for i in pending for _ in order[i][start:stop]]
+        cfgs = [c for i in pending for c in order[i][start:stop]]
+        if not owner:
+            break
+        cols = predict_columns(ctx.predictor, [judged[i] for i in owner], cfgs)
+        for i, ok in zip(owner, feasible_rows(cols, ctx).tolist(), strict=True):
+            verdict[i] = verdict[i] or ok
+        if stop is None:
+            break
+        start = stop
+        pending = [i for i in pending if not verdict[i] and len(order[i]) > start]
+    return verdict
+
+
+def _candidate_configs(
+    loads: Sequence[ReplicaLoad], ctx: PlacementContext,
+    max_loras: Sequence[int | None] | None,
+) -> list[list[EngineConfig]]:
+    """Per load, the engine configs to try: the pinned ``max_loras[i]`` (checked against
+    memory), else every candidate max_loras at the load's slot rank (one shared list per
+    adapter count and slot rank: do not mutate)."""
+    fixed = list(max_loras) if max_loras is not None else [None] * len(loads)
+    caps: dict[int, int] = {}
+    shared: dict[tuple[int, int], list[EngineConfig]] = {}
+    cands: list[list[EngineConfig]] = []
+    for load, pin in zip(loads, fixed, strict=True):
+        rank = slot_rank(load)
+        if rank not in caps:
+            caps[rank] = check_rank_fits(ctx, rank)
+        if pin is not None:
+            cands.append([engine_config(ctx, load, pin)])
+            continue
+        n = load.n_adapters
+        cs = shared.get((n, rank))
+        if cs is None:
+            cs = shared[(n, rank)] = [_config(ctx, g, n, rank)
+                                      for g in candidates(ctx, n, caps[rank])]
+        cands.append(cs)
+    return cands
 
 
 def replica_optimum(load: ReplicaLoad, ctx: PlacementContext) -> ReplicaOptimum:

@@ -23,11 +23,20 @@ from placement.analytic import AnalyticPredictor
 from placement.common import WorkloadIndex, lpt_assign
 from placement.errors import PlacementError
 from placement.lower_bound import compute_lower_bound
+from placement.packing import _pack, _replicas
 from placement.plan import Plan
-from placement.planner import compare, make_plan
+from placement.planner import compare, make_plan, prepare
 from placement.policy import POLICIES, PlacementContext, get_policy
 from placement.predictors import make_predictor
-from placement.replica_optimum import is_feasible, memory_cap, optimise, replica_optimum
+from placement.replica_optimum import (
+    _STAGED_FROM,
+    _candidate_configs,
+    is_feasible,
+    loads_feasible,
+    memory_cap,
+    optimise,
+    replica_optimum,
+)
 from placement.verify import verify_plan
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
@@ -247,6 +256,72 @@ def test_lpt_balances():
     bins = lpt_assign(sizes, 3)
     loads = np.bincount(bins, weights=sizes, minlength=3)
     assert loads.max() - loads.min() <= sizes.min()
+
+
+def test_lpt_is_largest_first_to_the_lightest_bin():
+    """The shortcut for the first k items gives the rule's own answer: ties to the lowest bin,
+    zero sizes and bins that start loaded included."""
+
+    def rule(sizes: np.ndarray, k: int, initial: np.ndarray | None) -> list[int]:
+        loads = [float(x) for x in initial] if initial is not None else [0.0] * k
+        out = [0] * len(sizes)
+        for i in np.argsort(-sizes, kind="stable"):
+            b = min(range(k), key=lambda j: (loads[j], j))
+            out[i] = b
+            loads[b] += float(sizes[i])
+        return out
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, k = int(rng.integers(0, 30)), int(rng.integers(1, 40))
+        sizes = np.round(rng.random(n), 1) * (rng.random(n) > 0.2)  # ties and zeros
+        initial = rng.random(k) if trial % 4 == 0 else None
+        assert lpt_assign(sizes, k, initial).tolist() == rule(sizes, k, initial)
+
+
+@pytest.mark.parametrize("predictor", ["analytic", "surrogate"])
+@pytest.mark.parametrize("u", [1.0, 0.8])
+def test_loads_feasible_is_optimise_s_verdict(llama, predictor, u):
+    """The staged check (largest max_loras first, no figures at the actual load) says what
+    judging every candidate says, on a batch large enough to be staged, some slots pinned."""
+    ctx = PlacementContext.for_profile(llama, make_predictor(predictor, llama),
+                                       target_utilisation=u)
+    w = zipf_workload(400, 60.0, ranks={8: 0.5, 16: 0.3, 64: 0.2}, seed=3)
+    index = WorkloadIndex(w)
+    rng = np.random.default_rng(1)
+    loads = [index.load(rng.choice(400, size=m, replace=False), np.full(m, share))
+             for m in (1, 5, 20, 60, 120, 250) for share in (0.05, 0.2, 0.4, 0.6, 1.0)
+             for _ in range(2)]
+    assert sum(len(c) for c in _candidate_configs(loads, ctx, None)) >= _STAGED_FROM
+    pins = [None if j % 5 else 4 for j in range(len(loads))]
+    for pin in (None, pins):
+        verdicts = loads_feasible(loads, ctx, max_loras=pin)
+        assert verdicts == [o.feasible for o in optimise(loads, ctx, headroom=False,
+                                                         max_loras=pin)]
+        assert any(verdicts) and not all(verdicts)
+
+
+def test_a_limited_packing_gives_up_only_when_it_needs_more_replicas(llama):
+    """The margin trials' early exit: ``_pack(within=n)`` is the full packing unless that
+    needs more than n replicas, and then usually None before packing it all."""
+    cheap_ranks = CapacityPredictor(lambda r, g, n: 1000.0 if r <= 16 else 700.0)
+    ctx = prepare(
+        w := workload([(f"a{i:02d}", (8, 16, 64)[i % 3], 0.3 + 0.05 * i) for i in range(60)]),
+        ctx_for(llama, cheap_ranks),
+    )
+    index = WorkloadIndex(w)
+    full = _pack(index, ctx, ctx.lower_bound)
+    assert full is not None
+    need = _replicas(full[0])
+    gave_up = []
+    for within in range(1, need + 2):
+        limited = _pack(index, ctx, ctx.lower_bound, within=within)
+        if limited is None:
+            assert need > within
+            gave_up.append(within)
+        else:
+            assert limited == full
+    assert gave_up  # the early exit does happen
 
 
 # ----------------------------------------------------------------------------- errors

@@ -75,6 +75,24 @@ class ReplicaLoad:
         object.__setattr__(self, "rates_rps", rates)
 
     @classmethod
+    def trusted(
+        cls, adapter_ids: tuple[str, ...], ranks: np.ndarray, rates_rps: np.ndarray,
+        lengths: LengthModel,
+    ) -> ReplicaLoad:
+        """A load built WITHOUT ``__post_init__``'s checks, for callers whose inputs are already
+        valid: distinct ids, an int64 rank array (>= 1) and a float64 rate array (finite,
+        >= 0) of the same length, e.g. a slice of a validated workload or a validated load's
+        rates times a positive factor (``placement.replica_optimum.scaled_load``: every step
+        of a headroom search builds one per replica, where the checks, the duplicate-id set
+        above all, are pure overhead)."""
+        new = object.__new__(cls)
+        object.__setattr__(new, "adapter_ids", adapter_ids)
+        object.__setattr__(new, "ranks", ranks)
+        object.__setattr__(new, "rates_rps", rates_rps)
+        object.__setattr__(new, "lengths", lengths)
+        return new
+
+    @classmethod
     def from_workload(
         cls, workload: Workload, shares: Mapping[str, float] | None = None
     ) -> ReplicaLoad:
@@ -126,6 +144,25 @@ class ReplicaPredictor(Protocol):
     def predict(
         self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
     ) -> list[dict[str, float]]: ...
+
+
+def predict_columns(
+    predictor: ReplicaPredictor, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+) -> dict[str, np.ndarray]:
+    """``PREDICTED_METRICS`` as one array per metric (``starved`` as bool), for code that judges
+    thousands of pairs at once: the predictor's own ``predict_columns`` when it has one (the
+    surrogate computes columns and would otherwise build a dict per row only for them to be
+    read back), else its ``predict`` dicts transposed. Same figures either way."""
+    own = getattr(predictor, "predict_columns", None)
+    if own is not None:
+        return own(loads, configs)
+    rows = predictor.predict(loads, configs)
+    keys = [k for k in PREDICTED_METRICS if not rows or k in rows[0]]
+    return {
+        k: np.array([bool(r[k]) for r in rows], dtype=bool) if k == "starved"
+        else np.array([float(r[k]) for r in rows], dtype=np.float64)
+        for k in keys
+    }
 
 
 @dataclass(frozen=True)

@@ -334,11 +334,18 @@ class Surrogate:
     ) -> np.ndarray:
         return self._builder(loads, configs)
 
+    def predict_columns(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> dict[str, np.ndarray]:
+        """PREDICTED_METRICS as arrays for (load, config) pairs: the batch form placement's
+        searches judge feasibility on (``twin.replica.predict_columns``), no dict per row."""
+        return self.predict_arrays(self._builder(loads, configs))
+
     def predict(
         self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
     ) -> list[dict[str, float]]:
         """ReplicaPredictor: one dict of PREDICTED_METRICS per (load, config)."""
-        arrays = self.predict_arrays(self._builder(loads, configs))
+        arrays = self.predict_columns(loads, configs)
         columns = [arrays[k].tolist() for k in PREDICTED_METRICS]
         return [dict(zip(PREDICTED_METRICS, row, strict=True)) for row in zip(*columns,
                                                                                 strict=True)]

@@ -263,14 +263,25 @@ class FeatureBuilder:
         n_loads = len(loads)
         if n_loads != len(configs):
             raise ValueError(f"loads ({n_loads}) and configs ({len(configs)}) differ in length")
-        scal = np.empty((n_loads, len(_SCALARS)))
+        # a batch repeats a few config and length-model objects thousands of times: their
+        # scalars are looked up once per object (by identity: they live through this call)
+        by_cfg: dict[int, tuple[float, ...]] = {}
+        by_lengths: dict[int, tuple[float, ...]] = {}
+        rows = []
+        for load, cfg in zip(loads, configs, strict=True):
+            c = by_cfg.get(id(cfg))
+            if c is None:
+                c = by_cfg[id(cfg)] = (
+                    cfg.max_loras, cfg.max_lora_rank, cfg.max_num_seqs,
+                    cfg.max_num_batched_tokens, cfg.cpu_slots, self._kv_tokens(cfg),
+                )
+            lengths = by_lengths.get(id(load.lengths))
+            if lengths is None:
+                lengths = by_lengths[id(load.lengths)] = self._length_stats(load.lengths)
+            rows.append(c + lengths)
+        scal = np.array(rows, dtype=np.float64).reshape(n_loads, len(_SCALARS))
         offsets = np.zeros(n_loads + 1, dtype=np.int64)
-        for i, (load, cfg) in enumerate(zip(loads, configs, strict=True)):
-            scal[i] = (
-                cfg.max_loras, cfg.max_lora_rank, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                cfg.cpu_slots, self._kv_tokens(cfg), *self._length_stats(load.lengths),
-            )
-            offsets[i + 1] = offsets[i] + len(load.rates_rps)
+        offsets[1:] = np.cumsum([len(ld.rates_rps) for ld in loads])
         if n_loads == 1:
             rates, ranks = loads[0].rates_rps, loads[0].ranks
         else:
