@@ -214,7 +214,7 @@ def print_controller(console: Console, ctl: dict[str, Any]) -> None:
                      + (f" ({last['why']})" if last.get("why") else "")
                      + (f"; drift: {'; '.join(last['drift'])}" if last.get("drift") else "")
                      + (f"; {last['decision']}" if last.get("decision") else ""))
-    console.print(Text("\n".join(lines), soft_wrap=True))
+    console.print(Text("\n".join(lines)), soft_wrap=True)
     gap = ctl.get("live_vs_predicted") or {}
     if gap.get("replicas"):
         t = Table(title=f"live vs twin for the observed workload ({gap['twin_window_s']:g} "
