@@ -12,6 +12,10 @@ bodies (1-token completions):
 
 Then the request rate one ingress replica sustains (closed loop, ``--concurrency`` clients, for
 ``--seconds``). Prints one JSON line. The routing layer's target: <= 1 ms added at p50.
+
+``--direct-ingress`` runs the cluster with Ray Serve's experimental direct ingress
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): no HTTP proxy actor, the ingress replica serves HTTP
+itself, which removes one process hop from the ``http`` path.
 """
 
 from __future__ import annotations
@@ -124,6 +128,20 @@ async def _through_serve(url: str, n: int, concurrency: int, seconds: float) -> 
     }
 
 
+def _direct_port(first: int, timeout_s: float = 60.0) -> int:
+    """The port the ingress replica serves on (Serve allocates it from the configured range)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in range(first, first + 21):
+            try:
+                if httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200:
+                    return p
+            except httpx.HTTPError:
+                continue
+        time.sleep(1)
+    raise RuntimeError(f"no direct-ingress server answered on ports {first}-{first + 20}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=400, help="latency samples per path")
@@ -131,8 +149,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="sustained-rate window")
     ap.add_argument("--time-scale", type=float, default=100.0,
                     help="sim engine speed-up (engine time out of the measurement)")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="Serve's experimental direct ingress: no proxy hop (module notes)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    flags: dict[str, str] = {}
+    if args.direct_ingress:
+        from orchestrator.deploy import free_port as _free
+
+        first = _free()
+        flags = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 20)}
+        os.environ.update(flags)  # the driver's Serve client reads the flag too
     from orchestrator.deploy import LocalHead, connect, free_port
     from orchestrator.serve_app import run_application
     from orchestrator.serving_spec import ServingSpec
@@ -142,9 +171,10 @@ def main() -> int:
                                       max_num_batched_tokens=2048)])
     plan.to_yaml(tmp / "plan.yaml")
     out: dict = {"benchmark": "router_overhead", "engine": "sim", "requests": args.requests,
-                 "sim_time_scale": args.time_scale}
+                 "sim_time_scale": args.time_scale,
+                 "http_path": "direct_ingress" if args.direct_ingress else "serve_proxy"}
     out.update(asyncio.run(_in_process(str(tmp / "plan.yaml"), args.requests, args.time_scale)))
-    head = LocalHead.start(num_cpus=4)
+    head = LocalHead.start(num_cpus=4, env=flags)
     try:
         import ray
         from ray import serve
@@ -157,6 +187,8 @@ def main() -> int:
                                                "engine": "sim",
                                                "sim_time_scale": args.time_scale}))
         out["deploy_s"] = time.perf_counter() - t
+        if args.direct_ingress:
+            port = _direct_port(int(flags["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]))
         out.update(asyncio.run(_through_serve(f"http://127.0.0.1:{port}", args.requests,
                                               args.concurrency, args.seconds)))
         serve.shutdown()

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,9 @@ class LocalHead:
 
     @classmethod
     def start(cls, *, num_cpus: float | None = None, log_dir: str | Path | None = None,
-              progress: Callable[[str], None] = lambda _m: None) -> LocalHead:
+              progress: Callable[[str], None] = lambda _m: None,
+              env: Mapping[str, str] | None = None) -> LocalHead:
+        """``env``: extra environment of the head and so of every worker (Ray/Serve flags)."""
         gcs, dash, client, nm, om, agent, agent_grpc, env_agent, metrics = _free_ports(9)
         # short temp dir: Ray's unix socket paths must stay under 107 characters
         temp_dir = f"/tmp/lf-ray-{gcs}"
@@ -105,7 +107,8 @@ class LocalHead:
             cmd.append(f"--num-cpus={num_cpus:g}")
         progress(f"starting a private Ray head on 127.0.0.1:{gcs}")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env(),
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**ray_env(), **dict(env or {})},
                                     start_new_session=True, stdin=subprocess.DEVNULL)
         head = cls(proc.pid, f"127.0.0.1:{gcs}", gcs, dash, client, temp_dir, str(log_path),
                    remove_logs=remove_logs)
