@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -194,3 +195,26 @@ def finish(
 
         check_budget(plan, workload, ctx, policy)
     return plan
+
+
+Deal = Callable[[np.ndarray, WorkloadIndex, int], list[list[int]]]
+
+
+def place_dealt(workload: Workload, ctx: PlacementContext, policy: str, deal: Deal) -> Plan:
+    """The frame of the count-searching baselines: adapters too hot for one replica get
+    dedicated copies, the rest (positions ``rest``) is dealt into k replicas by
+    ``deal(rest, index, k)``, k the fewest the predictor finds unstarved."""
+    started = time.perf_counter()
+    index, ctx = prepare(workload, ctx)
+    hot = replicate_hot(index, ctx)
+    specs = list(hot.dedicated)
+    rest = hot.rest
+    if len(rest):
+        ids = index.ids
+
+        def assign(k: int) -> list[ReplicaSpec]:
+            return [ReplicaSpec({ids[p]: 1.0 for p in b}) for b in deal(rest, index, k) if b]
+
+        specs += search_count(assign, index, ctx, hi=len(rest),
+                              lo=ctx.lower_bound.replicas - hot.replicas)
+    return finish(workload, ctx, policy, specs, index, started)

@@ -10,14 +10,24 @@ copies first (``_shared.replicate_hot``): least-loaded assignment never splits a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from placement.baselines._shared import finish, prepare, replicate_hot, search_count
-from placement.common import ReplicaSpec, lpt_assign
+import numpy as np
+
+from placement.baselines._shared import place_dealt
+from placement.common import WorkloadIndex, lpt_assign
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from twin.workload import Workload
+
+
+def deal_least_loaded(rest: np.ndarray, index: WorkloadIndex, k: int) -> list[list[int]]:
+    """LPT over the adapters' offered tokens/s: each, largest first, to the lightest replica."""
+    members: list[list[int]] = [[] for _ in range(k)]
+    bins = lpt_assign(index.offered_tps[rest], k).tolist()
+    for p, b in zip(rest.tolist(), bins, strict=True):
+        members[b].append(p)
+    return members
 
 
 @dataclass(frozen=True)
@@ -27,20 +37,4 @@ class LeastLoadedPolicy:
     name: str = "least_loaded"
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
-        started = time.perf_counter()
-        index, ctx = prepare(workload, ctx)
-        hot = replicate_hot(index, ctx)
-        specs = list(hot.dedicated)
-        rest = hot.rest
-        if len(rest):
-            ids, sizes = index.ids, index.offered_tps[rest]
-
-            def assign(k: int) -> list[ReplicaSpec]:
-                members: list[list[int]] = [[] for _ in range(k)]
-                for p, b in zip(rest.tolist(), lpt_assign(sizes, k).tolist(), strict=True):
-                    members[b].append(p)
-                return [ReplicaSpec({ids[p]: 1.0 for p in m}) for m in members if m]
-
-            specs += search_count(assign, index, ctx, hi=len(rest),
-                                  lo=ctx.lower_bound.replicas - hot.replicas)
-        return finish(workload, ctx, self.name, specs, index, started)
+        return place_dealt(workload, ctx, self.name, deal_least_loaded)

@@ -11,14 +11,20 @@ dedicated identical copies first (``_shared.replicate_hot``), and the rest is de
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from placement.baselines._shared import finish, prepare, replicate_hot, search_count
-from placement.common import ReplicaSpec
+import numpy as np
+
+from placement.baselines._shared import place_dealt
+from placement.common import WorkloadIndex
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from twin.workload import Workload
+
+
+def deal_round_robin(rest: np.ndarray, index: WorkloadIndex, k: int) -> list[list[int]]:
+    """Adapter i (workload order) to replica i mod k."""
+    return [rest[b::k].tolist() for b in range(min(k, len(rest)))]
 
 
 @dataclass(frozen=True)
@@ -28,18 +34,4 @@ class RoundRobinPolicy:
     name: str = "round_robin"
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
-        started = time.perf_counter()
-        index, ctx = prepare(workload, ctx)
-        hot = replicate_hot(index, ctx)
-        specs = list(hot.dedicated)
-        rest = hot.rest
-        if len(rest):
-            ids = index.ids
-
-            def assign(k: int) -> list[ReplicaSpec]:
-                return [ReplicaSpec({ids[p]: 1.0 for p in rest[b::k].tolist()})
-                        for b in range(min(k, len(rest)))]
-
-            specs += search_count(assign, index, ctx, hi=len(rest),
-                                  lo=ctx.lower_bound.replicas - hot.replicas)
-        return finish(workload, ctx, self.name, specs, index, started)
+        return place_dealt(workload, ctx, self.name, deal_round_robin)
