@@ -215,12 +215,31 @@ def size_replicas(
             cache[k] = (all(specs_feasible(specs, index, ctx)), specs)
         return cache[k][0]
 
+    k = smallest_feasible(probe, lo, cap, lambda k: max(k + 1, 2 * k))
+    assert k is not None  # no give_up: the search always ends on a count
+    return k, cache[k][1]
+
+
+def smallest_feasible(
+    probe: Callable[[int], bool], lo: int, hi: int, next_k: Callable[[int], int],
+    give_up: Callable[[int], bool] = lambda _lo: False,
+) -> int | None:
+    """Smallest k in [lo, hi] with ``probe(k)``, for a probe that stays true once true.
+
+    Gallops up from ``lo`` (``next_k`` says how far) until a probe holds, then bisects between
+    the last failure and it. Returns ``hi`` when even ``hi`` fails (the caller reports what is
+    infeasible), None as soon as ``give_up(lo)`` says no answer from ``lo`` up can pay.
+    """
+    if give_up(lo):
+        return None
     k = lo
     while not probe(k):
-        if k >= cap:
-            return k, cache[k][1]
+        if k >= hi:
+            return k
         lo = k + 1
-        k = min(cap, max(k + 1, 2 * k))
+        if give_up(lo):
+            return None
+        k = min(hi, next_k(k))
     good = k
     while lo < good:
         mid = (lo + good) // 2
@@ -228,7 +247,7 @@ def size_replicas(
             good = mid
         else:
             lo = mid + 1
-    return good, cache[good][1]
+    return good
 
 
 # ---------------------------------------------------------------------------------------------

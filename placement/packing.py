@@ -43,6 +43,7 @@ from placement.common import (
     build_plan,
     check_servable,
     lpt_assign,
+    smallest_feasible,
 )
 from placement.lower_bound import LowerBound, compute_lower_bound
 from placement.plan import Plan
@@ -275,25 +276,10 @@ class _Packer:
                 tried[k] = (self.all_feasible(groups), groups)
             return tried[k][0]
 
-        if hopeless(lo):
-            return None
-        k = lo
-        while not probe(k):
-            if k >= hi:
-                # even one item per bin fails: repair and report downstream
-                return [self._bin(g) for g in tried[k][1]]
-            lo = k + 1
-            if hopeless(lo):
-                return None
-            k = min(hi, max(k + 1, int(k * 1.25) + 1))
-        good = k
-        while lo < good:
-            mid = (lo + good) // 2
-            if probe(mid):
-                good = mid
-            else:
-                lo = mid + 1
-        return [self._bin(g) for g in tried[good][1]]
+        k = smallest_feasible(probe, lo, hi, lambda k: max(k + 1, int(k * 1.25) + 1),
+                              give_up=hopeless)
+        # k == hi and infeasible: even one item per bin fails; repaired and reported downstream
+        return None if k is None else [self._bin(g) for g in tried[k][1]]
 
     def fill(self, bins: list[_Bin], pool: list[int], *, allow_raise: bool = False) -> list[int]:
         """Put pool items into the bins' spare capacity; returns the items left over.
