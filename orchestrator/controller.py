@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orchestrator.adapter_registry import AdapterEntry, AdapterRegistry
-from orchestrator.drift import DriftConfig, detect_drift, replica_gaps
+from orchestrator.drift import DriftConfig, detect_drift, latest_change, replica_gaps
 from orchestrator.replan import ReplanConfig, replan, rerate, whatif_workload
 from orchestrator.replica import ReplicaSpec
 from orchestrator.serving_spec import ServingSpec
@@ -286,15 +286,24 @@ class ControllerCore:
     def estimate(self, now: float) -> tuple[Workload | None, dict[str, Any]]:
         """The live workload, or None with the reason when the telemetry is incomplete."""
         ranks = {a.id: a.rank for a in self._registered()}
+        cfg = self.settings.drift
         with self.lock:
             cov = self.window.coverage(now, list(self.members), since=self.since)
             if not cov.complete:
                 return None, {"telemetry": "incomplete", "why": cov.why}
+            # a step in the load inside the window: estimate from the traffic after it
+            bins = self.window.binned_counts(now, bin_s=cfg.change_bin_s, since=self.since)
+            k = latest_change(bins, cfg)
+            since = self.since if k is None else now - (len(bins) - k) * cfg.change_bin_s
             est = self.window.estimate(now, ranks=ranks, lengths=self.plan.workload.length_model(),
-                                       since=self.since)
-            unknown = self.window.unknown_ids(now, ranks, since=self.since)
-        return est, {"telemetry": "complete", "span_s": round(cov.span_s, 1),
-                     "unknown_ids": sorted(unknown)[:20]}
+                                       since=since)
+            unknown = self.window.unknown_ids(now, ranks, since=since)
+        seen: dict[str, Any] = {"telemetry": "complete",
+                                "span_s": round(min(cov.span_s, now - since), 1),
+                                "unknown_ids": sorted(unknown)[:20]}
+        if k is not None:
+            seen["changed_s_ago"] = round(now - since, 1)
+        return est, seen
 
     def _registered(self) -> list[AdapterEntry]:
         placed = {a.id for g in self.plan.groups for a in g.adapters}
@@ -338,8 +347,9 @@ class ControllerCore:
             self._gap_at = now
         planned = planned_workload(self.plan)
         placed = {a.id for a in planned.adapters}
+        span = max(seen["span_s"], 1e-3)  # the seconds the estimate rests on
         drift = detect_drift(
-            planned, est, min(self.settings.window_s, now - self.since), self.settings.drift,
+            planned, est, span, self.settings.drift,
             registered_unplaced=sorted(self.registered_later - placed),
             gaps=self.gaps.get("gaps", {}),
         )
@@ -354,7 +364,7 @@ class ControllerCore:
             self.last_check = record
             return record
         if now < self._quiet_until and self._quiet_workload is not None and not detect_drift(
-                self._quiet_workload, est, min(self.settings.window_s, now - self.since),
+                self._quiet_workload, est, span,
                 self.settings.drift).drifted:
             record["decision"] = ("cooling down: the workload has not moved since the last "
                                   "re-plan, which kept the plan")

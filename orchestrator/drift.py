@@ -15,6 +15,11 @@ single test. Checks, each adding one human-readable reason:
   near-equal adapters swap ranks on noise alone;
 * each adapter's rate (adapters under ``min_rate_rps`` on both sides are ignored);
 * live-vs-predicted gaps per replica (throughput either way, TTFT only when worse).
+
+A step in the load inside the window would otherwise be averaged with the traffic before it, and
+the estimate would creep towards the new rate for a whole window: the fleet would be sized for
+half a doubling first. ``latest_change`` finds the last real step (a Poisson likelihood-ratio
+change-point search over binned counts) so the estimate can rest on the traffic after it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ class DriftConfig:
     total_rate_change: float = 0.2
     hot_k: int = 5
     gap: float = 0.3
+    change_bin_s: float = 1.0  # bin width of the change-point search (telemetry comes ~1/s)
+    change_min_s: float = 5.0  # evidence needed after a change point before it is used
 
     def __post_init__(self) -> None:
-        for name in ("rel_rate_change", "z", "total_rate_change", "gap"):
+        for name in ("rel_rate_change", "z", "total_rate_change", "gap", "change_bin_s",
+                     "change_min_s"):
             value = getattr(self, name)
             if not _number(value) or value <= 0:
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
@@ -189,6 +197,81 @@ def detect_drift(
     details["gaps"] = fired_gaps
 
     return Drift(drifted=bool(reasons), reasons=tuple(reasons), details=details)
+
+
+def _split_llr(prefix: list[float], k: int) -> float:
+    """Poisson log-likelihood ratio (x2) of "the rate steps after bin k" against one rate, for
+    bins with prefix sums ``prefix`` (``prefix[i]`` = counts in the first i bins)."""
+    n = len(prefix) - 1
+    c1, c2 = prefix[k], prefix[n] - prefix[k]
+    lam = (c1 + c2) / n
+    if lam <= 0:
+        return 0.0
+    out = 0.0
+    for c, t in ((c1, k), (c2, n - k)):
+        if c > 0:
+            out += c * math.log(c / (t * lam))
+    return 2.0 * out
+
+
+def _best_split(series: Mapping[str, list[float]], lo: int, hi: int, cfg: DriftConfig,
+                min_left: int, min_right: int, total: str) -> int | None:
+    """The most likely step inside bins [lo, hi) over all series, if one is real (z on the
+    family of series x splits) and large (the total's or an adapter's relative threshold)."""
+    splits = range(lo + min_left, hi - min_right + 1)
+    if not splits:
+        return None
+    z = family_z(cfg.z, len(series) * len(splits))
+    best, where = z * z, None
+    for key, counts in series.items():
+        seg = counts[lo:hi]
+        prefix = [0.0]
+        for c in seg:
+            prefix.append(prefix[-1] + c)
+        rel = cfg.total_rate_change if key == total else cfg.rel_rate_change
+        for k in splits:
+            j = k - lo
+            before, after = prefix[j] / j, (prefix[-1] - prefix[j]) / (len(seg) - j)
+            if (max(before, after) < cfg.min_rate_rps * cfg.change_bin_s
+                    or abs(after - before) <= rel * max(before, 1e-12)):
+                continue
+            llr = _split_llr(prefix, j)
+            if llr > best:
+                best, where = llr, k
+    return where
+
+
+def latest_change(bins: list[Mapping[str, float]], cfg: DriftConfig | None = None) -> int | None:
+    """Index of the first bin after the last real step in the load, or None if it looks steady.
+
+    ``bins``: arrivals per adapter in consecutive ``cfg.change_bin_s`` bins, oldest first
+    (``WorkloadWindow.binned_counts``). The series searched are the total and the busiest
+    ``hot_k`` adapters of the whole span and of its recent part (a hot set that moves changes
+    those, not the total). Binary segmentation to the right: the most likely step, then the
+    most likely step after it, until none is real; a step must leave ``change_min_s`` seconds
+    after it, so the estimate that uses it rests on enough traffic."""
+    cfg = cfg or DriftConfig()
+    n = len(bins)
+    min_right = max(1, math.ceil(cfg.change_min_s / cfg.change_bin_s - 1e-9))
+    min_left = 2
+    if n < min_left + min_right:
+        return None
+    total = "\0total"  # cannot clash with an adapter id (those are validated names)
+    recent = bins[n - min_right:]
+    whole: dict[str, float] = {}
+    late: dict[str, float] = {}
+    for part, acc in ((bins, whole), (recent, late)):
+        for b in part:
+            for a, c in b.items():
+                acc[a] = acc.get(a, 0.0) + c
+    ids = set(_hot(whole, cfg.hot_k)) | set(_hot(late, cfg.hot_k)) if cfg.hot_k else set()
+    series = {total: [sum(b.values()) for b in bins]}
+    for a in sorted(ids):
+        series[a] = [b.get(a, 0.0) for b in bins]
+    found, lo = None, 0
+    while (k := _best_split(series, lo, n, cfg, min_left, min_right, total)) is not None:
+        found, lo = k, k
+    return found
 
 
 def replica_gaps(

@@ -330,6 +330,40 @@ class WorkloadWindow:
             base_model_rate_rps=round(rates.get(BASE_MODEL, 0.0), 9),
         )
 
+    def binned_counts(
+        self, now: float, *, bin_s: float = 1.0, since: float | None = None
+    ) -> list[dict[str, float]]:
+        """Arrivals per adapter in consecutive ``bin_s`` bins ending at ``now``, oldest first
+        (whole bins of the judged span only). As in ``estimate``, each replica's count in a bin is
+        scaled to the whole bin by the part of it that replica's batches cover, so a lost push
+        does not read as a dip. What ``drift.latest_change`` searches for a change point."""
+        if _finite(bin_s, "bin_s") <= 0:
+            raise ValueError(f"bin_s: must be > 0, got {bin_s}")
+        self._prune_all(now)
+        start, end = self.span(now, since)
+        n = int((end - start) / bin_s + 1e-9)
+        if n <= 0:
+            return []
+        start = end - n * bin_s
+        bins: list[dict[str, float]] = [{} for _ in range(n)]
+        for q in self._batches.values():
+            counts: list[dict[str, float]] = [{} for _ in range(n)]
+            covered = [0.0] * n
+            for b, _ in _weighted(q, start, end):
+                first = max(0, int((b.t_start - start) / bin_s))
+                for i in range(first, min(n, int((b.t_end - start) / bin_s) + 1)):
+                    lo, hi = start + i * bin_s, start + (i + 1) * bin_s
+                    for part, w in _weighted((b,), lo, hi):
+                        covered[i] += part.duration_s * w
+                        for a, k in part.arrivals.items():
+                            counts[i][a] = counts[i].get(a, 0.0) + w * k
+            for i in range(n):
+                if covered[i] > 0:
+                    scale = bin_s / covered[i]
+                    for a, k in counts[i].items():
+                        bins[i][a] = bins[i].get(a, 0.0) + k * scale
+        return bins
+
     def live_metrics(
         self, now: float, replica: str, *, since: float | None = None
     ) -> dict[str, Any]:

@@ -224,6 +224,25 @@ def test_a_tripled_load_scales_up_and_a_steady_one_does_not(core) -> None:
         e["kind"] for e in c.events}
 
 
+def test_a_step_in_the_load_is_estimated_from_the_traffic_after_it(core) -> None:
+    """A tripling 6 s before the check: the estimate is the new rate, not the window's blend of
+    old and new (which would size the fleet for a fraction of the step)."""
+    c, _, now = core
+    c.settings = ControllerSettings(**{**c.settings.__dict__, "auto_apply": False})
+    c.bootstrap()
+    feed(c, now, planned_workload(c.plan), 14)
+    feed(c, now, workload(30.0), 6)
+    est, seen = c.estimate(now[0])
+    # (the feed's slow adapters arrive in whole requests every few seconds: +-1 s)
+    assert 5.0 <= seen["changed_s_ago"] == seen["span_s"] <= 7.0
+    assert est.total_rate_rps == pytest.approx(30.0, rel=0.1)
+    # without the step the whole window counts
+    feed(c, now, workload(30.0), 20)
+    est, seen = c.estimate(now[0])
+    assert "changed_s_ago" not in seen and seen["span_s"] == 20.0
+    assert est.total_rate_rps == pytest.approx(30.0, rel=0.05)
+
+
 def test_recovery_adopts_the_newest_stamped_fleet(core) -> None:
     """A restarted controller takes plan, version and fleet from the newest stamp; a member
     Serve replaced (no stamp) stays a member, an engine no stamp names is stopped."""

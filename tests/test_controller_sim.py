@@ -31,7 +31,7 @@ LENGTHS = LengthModel(kind="fixed", prompt=256, output=128)
 SETTINGS = ControllerSettings(
     window_s=10.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=5.0,
     verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
-    drift=DriftConfig(gap=0.5),
+    drift=DriftConfig(gap=0.5, change_min_s=3.0),
 )
 PHASE_S = 24.0
 RATE = 14.0  # req/s: two replicas (one holds ~11), and twice this needs three (two hold ~23)

@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from orchestrator.drift import DriftConfig, detect_drift, replica_gaps
+from orchestrator.drift import DriftConfig, detect_drift, latest_change, replica_gaps
 from orchestrator.replan import (
     MoveCost,
     ReplanConfig,
@@ -142,9 +142,78 @@ def test_stationary_poisson_noise_never_drifts():
         assert not d.drifted, (seed, d.reasons)
 
 
+def poisson_bins(rng, per_second: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{a: float(rng.poisson(q)) for a, q in sec.items()} for sec in per_second]
+
+
+def test_latest_change_finds_a_step_in_the_total_rate():
+    rng = np.random.default_rng(1)
+    rates = {f"a{i}": 1.4 for i in range(10)}
+    found = []
+    for _ in range(50):
+        bins = poisson_bins(rng, [rates] * 48 + [{a: 2 * q for a, q in rates.items()}] * 12)
+        found.append(latest_change(bins))
+    assert all(k is not None for k in found)
+    err = np.abs(np.array(found) - 48)
+    assert np.median(err) == 0 and np.mean(err <= 2) >= 0.9 and err.max() <= 5, found
+
+
+def test_latest_change_finds_a_hot_set_move_at_constant_total():
+    rng = np.random.default_rng(2)
+    before = {"a0": 5.0, "a1": 5.0, **{f"b{i}": 0.5 for i in range(8)}}
+    after = {"a0": 0.5, "a1": 0.5, "b0": 5.0, "b1": 5.0, **{f"b{i}": 0.5 for i in range(2, 8)}}
+    k = latest_change(poisson_bins(rng, [before] * 40 + [after] * 20))
+    assert k is not None and abs(k - 40) <= 2
+
+
+def test_latest_change_takes_the_last_of_two_steps():
+    rng = np.random.default_rng(3)
+    r = {"a": 10.0}
+    k = latest_change(poisson_bins(rng, [r] * 20 + [{"a": 30.0}] * 20 + [{"a": 10.0}] * 20))
+    assert k is not None and abs(k - 40) <= 2
+
+
+def test_latest_change_ignores_noise_small_steps_and_short_tails():
+    """Stationary Poisson traffic: a false step in fewer than 1 % of 400 windows; a 10 % step is
+    under the threshold; a step fewer than change_min_s seconds ago leaves at least that many
+    seconds to estimate from."""
+    rng = np.random.default_rng(4)
+    zipf = 1.0 / np.arange(1, 21)
+    rates = {f"a{i}": float(q) for i, q in enumerate(10.0 * zipf / zipf.sum())}
+    false = sum(latest_change(poisson_bins(rng, [rates] * 60)) is not None for _ in range(400))
+    assert false <= 4, false
+    big = {a: 20 * q for a, q in rates.items()}
+    assert latest_change(poisson_bins(rng, [big] * 30 + [
+        {a: 1.1 * q for a, q in big.items()}] * 30)) is None
+    tail = poisson_bins(rng, [rates] * 57 + [{a: 3 * q for a, q in rates.items()}] * 3)
+    k = latest_change(tail)
+    assert k is None or k <= 55, k
+    assert latest_change(tail, DriftConfig(change_min_s=3.0)) in (56, 57, 58)
+
+
+def test_binned_counts_scale_lost_pushes_and_feed_the_search():
+    rng = np.random.default_rng(5)
+    window = WorkloadWindow(window_s=30)
+    for t in range(30):
+        for r in ("r0", "r1"):
+            if r == "r1" and t % 5 == 0:
+                continue  # every fifth push of r1 is lost: no dip may show
+            rate = 4.0 if t < 20 else 12.0
+            window.add(TelemetryBatch(r, 100.0 + t, 101.0 + t, {"x": int(rng.poisson(rate))},
+                                      {}, {}, {}, 0.0, 0.0, 0, 0, 0))
+    bins = window.binned_counts(130.0)
+    assert len(bins) == 30
+    assert np.mean([b["x"] for b in bins[:20]]) == pytest.approx(8.0, rel=0.2)
+    assert latest_change(bins) in (19, 20, 21)
+    assert [len(window.binned_counts(130.0, since=124.5, bin_s=2.0))] == [2]
+    with pytest.raises(ValueError, match="^bin_s:"):
+        window.binned_counts(130.0, bin_s=0)
+
+
 def test_drift_config_is_validated():
     for kw, field in [({"z": 0}, "z"), ({"min_rate_rps": -1}, "min_rate_rps"),
-                      ({"hot_k": 1.5}, "hot_k"), ({"gap": float("nan")}, "gap")]:
+                      ({"hot_k": 1.5}, "hot_k"), ({"gap": float("nan")}, "gap"),
+                      ({"change_min_s": 0}, "change_min_s")]:
         with pytest.raises(ValueError, match=f"^{field}:"):
             DriftConfig(**kw)
 
