@@ -215,6 +215,12 @@ class ControllerCore:
                 f"{len(found)} engine application(s) run but none was stamped with a plan (the "
                 "controller died while deploying); run `lorafleet shutdown` and deploy again")
         plan = Plan.from_dict(newest["plan"])
+        # adapters registered after the deploy: the plan may place them, the deploy's registry
+        # does not know them
+        later = [AdapterEntry(**e) for e in newest.get("registered", [])]
+        self.registry = replace(self.registry,
+                                entries={**self.registry.entries, **{e.id: e for e in later}})
+        self.registered_later = {e.id for e in later}
         specs = {str(s.replica_id): s
                  for s in self.serving.with_(plan=plan, registry=self.registry).replica_specs()}
         endpoints: dict[str, str] = dict(newest["endpoints"])
@@ -237,7 +243,9 @@ class ControllerCore:
         recovers from)."""
         with self.lock:
             stamp = {"version": self.version, "plan": self.plan.to_dict(),
-                     "endpoints": {str(m.rid): ep for ep, m in self.members.items()}}
+                     "endpoints": {str(m.rid): ep for ep, m in self.members.items()},
+                     "registered": [asdict(self.registry.get(a))
+                                    for a in sorted(self.registered_later)]}
             endpoints = list(self.members)
         self.ops.stamp(endpoints, stamp)
 
@@ -459,6 +467,7 @@ class ControllerCore:
         merged.update({e.id: e for e in entries})
         self.registry = replace(self.registry, entries=merged)
         self.registered_later |= {e.id for e in entries}
+        self._stamp()  # a restarted controller must still know them
         self.event("registered", adapters=[e.id for e in entries])
         return sorted(self.registered_later)
 
@@ -750,7 +759,7 @@ def controller_actor_class() -> Any:
             return await asyncio.to_thread(functools.partial(self.core.whatif, **kw))
 
         async def register(self, entries: list[AdapterEntry]) -> list[str]:
-            return self.core.register(entries)
+            return await asyncio.to_thread(self.core.register, entries)  # stamps the engines
 
         async def apply_plan(self, plan: dict[str, Any]) -> dict[str, Any]:
             return await asyncio.to_thread(self.core.apply_exclusive, Plan.from_dict(plan))

@@ -261,3 +261,25 @@ def test_recovery_adopts_the_newest_stamped_fleet(core) -> None:
         ep: s.replica_id for ep, s in roles.items()}
     assert cluster.calls[-1] == ("stop", ["leftover"])
     assert ReplicaId("group-000", 0) in {m.rid for m in again.members.values()}
+
+
+def test_adapters_registered_later_survive_a_controller_restart(core) -> None:
+    """``register`` stamps the engines; after a re-plan places the new adapter, a restarted
+    controller rebuilds the fleet from the stamp although the deploy's registry never had it."""
+    from orchestrator.adapter_registry import AdapterEntry
+
+    c, cluster, now = core
+    c.bootstrap()
+    assert c.register([AdapterEntry("n1", 8, uri="sim://n1")]) == ["n1"]
+    assert all(st["registered"] == [{"id": "n1", "rank": 8, "path": None, "uri": "sim://n1"}]
+               for st in cluster.stamps.values())
+    feed(c, now, planned_workload(c.plan), 25)
+    out = c.check()
+    assert "new adapters registered: n1" in out["drift"] and out["transition"]["ok"]
+    assert "n1" in {a.id for g in c.plan.groups for a in g.adapters}
+    assert "n1" not in c.serving.registry
+    cluster.found = [{**st, "endpoint": ep} for ep, st in cluster.stamps.items()]
+    again = ControllerCore(c.serving, c.settings, cluster, c.ctx, clock=c.clock)
+    again.bootstrap()
+    assert again.version == c.version and again.registered_later == {"n1"}
+    assert any("n1" in m.adapters for m in again.members.values())

@@ -231,3 +231,9 @@ def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
     after = ray.get(actor.status.remote())  # neither answer became the deployed plan
     assert set(after["plan"]["routing"]) == set(IDS) and after["replicas"] < more["replicas"]
     assert set(counts) == {200}
+    # registering through the actor stamps every engine (a restart must still know the adapter)
+    from orchestrator.adapter_registry import AdapterEntry
+
+    assert ray.get(actor.register.remote([AdapterEntry("zz", 8, uri="sim://zz")]),
+                   timeout=120) == ["zz"]
+    assert any(e["kind"] == "registered" and e["adapters"] == ["zz"] for e in events(actor))
