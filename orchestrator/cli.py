@@ -175,6 +175,18 @@ def _client_cap(text: str) -> int | str | None:
         raise CLIError(f"--client-max-inflight: auto, none or an integer, got {text!r}") from None
 
 
+def _eos_scale(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise CLIError(f"--eos-output-scale: auto or a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise CLIError(f"--eos-output-scale: must be in (0, 1], got {value}")
+    return value
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -192,6 +204,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             runs, args.profile, limit=args.limit, seed=args.seed, workers=args.workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             client_max_inflight=_client_cap(args.client_max_inflight),
+            eos_output_scale=_eos_scale(args.eos_output_scale),
         )
     out = Path(args.out) if args.out else None
     plots: list[Path] = []
@@ -367,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-max-inflight", default="auto",
         help="load-generator cap on requests in flight for rows that do not record one: auto "
         "(the reference harness: one connection per request, 28,232 ephemeral ports), none, or N",
+    )
+    v.add_argument(
+        "--eos-output-scale", default="auto",
+        help="output lengths of reference rows (no workload_json) relative to the ShareGPT "
+        "reference, for answers that end before max_tokens: auto (the reference runs: 0.965, "
+        "their data README's caveat 6) or a number in (0, 1]; 1 = every answer runs to max_tokens",
     )
     v.add_argument("--out", default=None,
                    help="per-run predictions CSV; scatter plots go next to it")

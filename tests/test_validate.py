@@ -61,6 +61,19 @@ def test_run_workload_rebuilds_the_configuration(runs):
     assert [a.rate_rps for a in other.adapters] != [a.rate_rps for a in workload.adapters]
 
 
+def test_early_eos_shortens_reference_outputs_only(runs):
+    """The reference harness let answers end early (no ignore_eos): output means scaled, prompt
+    means untouched; a bench row (ignore_eos) replays its own lengths whatever the scale."""
+    row = runs[(runs["run"] == "_64_192_32_") & (runs["model"] == "qwen-2.5-7b-instruct")].iloc[0]
+    full, _ = run_workload(row, seed=3)
+    short, _ = run_workload(row, seed=3, output_scale=0.9)
+    assert short.lengths.mean_output() == pytest.approx(0.9 * full.lengths.mean_output(), rel=0.01)
+    assert short.lengths.mean_prompt() == pytest.approx(full.lengths.mean_prompt(), rel=1e-6)
+    for bad in (0.0, 1.5, "x", True):
+        with pytest.raises(ValidationError, match="^eos_output_scale:"):
+            validate(runs.head(1), eos_output_scale=bad)
+
+
 def test_summary_uses_standard_smape_and_ttft_only_where_not_starved():
     table = pd.DataFrame({
         "model": ["m", "m"],

@@ -703,13 +703,19 @@ def evaluate_real_runs(
     model: Surrogate, runs_path: str | Path, seed: int = 0
 ) -> tuple[dict[str, Any], list[ReplicaLoad], list[EngineConfig]]:
     """Surrogate vs measured runs of this profile's model (rebuilt exactly as ``validate``)."""
-    from twin.validate import load_runs, measured_starved, run_seed, run_workload
+    from twin.validate import (
+        load_runs,
+        measured_starved,
+        run_output_scale,
+        run_seed,
+        run_workload,
+    )
 
     runs = load_runs(runs_path)
     runs = runs[runs["model"] == model.profile.name].reset_index(drop=True)
     loads, configs = [], []
     for _, row in runs.iterrows():
-        workload, config = run_workload(row, run_seed(row, seed))
+        workload, config = run_workload(row, run_seed(row, seed), run_output_scale(row))
         loads.append(ReplicaLoad.from_workload(workload))
         configs.append(config)
     out: dict[str, Any] = {"n_runs": int(len(runs))}
