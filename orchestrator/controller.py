@@ -495,6 +495,7 @@ class ControllerCore:
             return {
                 "version": self.version, "replicas": self.plan.replicas,
                 "replanning": self.replan_off or "on",
+                "busy": self.busy.locked(),  # a check, re-plan or transition is running
                 "groups": {g.name: {"copies": g.copies, "adapters": len(g.adapters)}
                            for g in self.plan.groups},
                 "members": {ep: {"replica": str(m.rid), "adapters": len(m.adapters)}

@@ -110,6 +110,24 @@ def events(actor) -> list[dict]:
     return ray.get(actor.status.remote(1000))["events"]
 
 
+def settle(actor, timeout_s: float = 180.0) -> None:
+    """Wait until no transition is running or decided but not yet carried out: a re-plan made
+    under the load's last seconds may still be moving the fleet when the load stops."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = ray.get(actor.status.remote(1000))
+        kinds = [(e["kind"], e.get("apply")) for e in st["events"]]
+        last_apply = max((i for i, k in enumerate(kinds) if k == ("replan", True)), default=-1)
+        last_move = max((i for i, (k, _) in enumerate(kinds)
+                         if k in ("transition", "transition_failed")), default=-1)
+        if not st["busy"] and last_move >= last_apply:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"the controller did not settle within {timeout_s:.0f} s")
+
+
 def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
     import ray
 
@@ -121,6 +139,7 @@ def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
               (hot_workload(hot, 2 * RATE), 1.5 * PHASE_S),  # and the total rate doubles
               (hot_workload(hot, RATE), 1.5 * PHASE_S)]  # then halves
     counts, results, _ = asyncio.run(drive(url, phases))
+    settle(actor)
     ev = [e for e in events(actor) if e["t"] >= wall0]
     for e in ev:  # the run's timeline, shown with -s
         print(f"{e['t'] - wall0:7.1f} {e['kind']:<11} " + json.dumps(
@@ -179,6 +198,7 @@ def test_killed_replica_and_restarted_controller_lose_no_request_silently(fleet)
     import ray
 
     actor, plan, url = fleet
+    settle(actor)
     before = ray.get(actor.status.remote())
     members = before["members"]
     victim = sorted(members)[0]
