@@ -13,8 +13,11 @@ full. The saturated one (at most 4 running requests) is measured and printed but
 is not asserted yet: the profiler times steps in-process, while `bench` serves through
 AsyncLLM, whose frontend and inter-process cost per step the twin does not model; the twin's
 saturated throughput was 5-23 % high in our runs depending on how fast the shared machine was
-(open in issue #3). What is asserted there: the engine really saturates (starved), and the twin
-gives one answer for the two runs of the same requests.
+(open in issue #3). What is asserted there: the engine really saturates — its requests queue,
+TTFT over 10x the light workload's (whether it also serves under 90 % of the offered tokens,
+"starved", depends on how fast the shared machine is at the moment: one CI run served 1.9 k
+tok/s, not starved, and the twin agreed) — and the twin gives one answer for the two runs of
+the same requests.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def test_profile_calibrate_bench_validate_on_a_live_engine(tmp_path):
     assert not light["measured_starved"] and not light["twin_starved"]
     bound = max(3 * light["run_to_run_smape_total_throughput_tps"], step_smape)
     assert light["smape_total_throughput_tps"] <= bound, (light, bound)
-    assert saturated["measured_starved"]
+    assert min(saturated["measured_ttft_mean_ms"]) > 10 * max(light["measured_ttft_mean_ms"]), (
+        saturated, light)
     table = out["predictions"]
     twin = table.loc[table["workload"] == "cpu-saturated", "twin_total_throughput_tps"]
     assert twin.nunique() == 1
