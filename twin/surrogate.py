@@ -704,9 +704,9 @@ def evaluate_real_runs(
 ) -> tuple[dict[str, Any], list[ReplicaLoad], list[EngineConfig]]:
     """Surrogate vs measured runs of this profile's model (rebuilt exactly as ``validate``)."""
     from twin.validate import (
+        REFERENCE_EOS_OUTPUT_SCALE,
         load_runs,
         measured_starved,
-        run_output_scale,
         run_seed,
         run_workload,
     )
@@ -715,7 +715,7 @@ def evaluate_real_runs(
     runs = runs[runs["model"] == model.profile.name].reset_index(drop=True)
     loads, configs = [], []
     for _, row in runs.iterrows():
-        workload, config = run_workload(row, run_seed(row, seed), run_output_scale(row))
+        workload, config = run_workload(row, run_seed(row, seed), REFERENCE_EOS_OUTPUT_SCALE)
         loads.append(ReplicaLoad.from_workload(workload))
         configs.append(config)
     out: dict[str, Any] = {"n_runs": int(len(runs))}

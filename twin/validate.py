@@ -103,12 +103,6 @@ def run_client_cap(row: pd.Series, default: int | None) -> int | None:
     return default
 
 
-def run_output_scale(row: pd.Series, scale: float = REFERENCE_EOS_OUTPUT_SCALE) -> float:
-    """Output lengths relative to the reference: ``scale`` for reference rows, 1 for rows of
-    `lorafleet bench` (``workload_json``: it sets ignore_eos, answers run to max_tokens)."""
-    return 1.0 if _present(row, "workload_json") else scale
-
-
 def run_seed(row: pd.Series, default: int) -> int:
     """Rows written by `lorafleet bench` carry the seed their requests were generated with."""
     return int(row["seed"]) if _present(row, "seed") else default
@@ -122,7 +116,8 @@ def run_workload(
     A row written by `lorafleet bench` carries its exact workload (``workload_json``). For the
     reference runs, which adapter got which rate and rank is random and not logged; here it is
     drawn with ``seed`` (rates and ranks shuffled independently, as the benchmark did), and
-    ``output_scale`` scales the ShareGPT output mean (early EOS, REFERENCE_EOS_OUTPUT_SCALE).
+    ``output_scale`` scales the ShareGPT output mean (early EOS, REFERENCE_EOS_OUTPUT_SCALE); a
+    bench row ignores it (bench sets ignore_eos: answers run to max_tokens).
     """
     config = _run_config(row)
     if _present(row, "workload_json"):
@@ -265,7 +260,7 @@ def validate(
         raise ValidationError(f"eos_output_scale: 'auto' or a number in (0, 1], "
                               f"got {eos_output_scale!r}")
     jobs = [
-        (r.to_dict(), resolve_profile(r, profile), seed, default_cap, run_output_scale(r, scale))
+        (r.to_dict(), resolve_profile(r, profile), seed, default_cap, scale)
         for _, r in runs.iterrows()
     ]
     # heavy runs first so the pool stays busy to the end
