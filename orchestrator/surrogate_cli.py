@@ -125,8 +125,8 @@ def _held_out_table(held: dict[str, Any]) -> Any:
 def _real_runs_table(real: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"measured runs ({real['n_runs']}; the surrogate predicts an uncapped "
-                  "replica)", header_style="bold")
+    table = Table(title=f"measured runs ({real['n_runs']}; throughput for the load their capped "
+                  "client let through, twin/client_cap.py)", header_style="bold")
     for col in ("metric", "SMAPE / score", "n"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, s in real.items():

@@ -251,6 +251,9 @@ def test_cli_eval_json_on_the_shipped_model(tmp_path, capsys):
     real = report["real_runs"]
     assert real["n_runs"] == 6 and real["total_throughput_tps"]["n"] == 6
     assert {"smape", "n"} <= set(real["total_throughput_tps"])
+    assert real["total_throughput_tps_uncapped_client"]["n"] == 6
+    assert (real["total_throughput_tps_cap_reached"]["n"]
+            + real["total_throughput_tps_cap_not_reached"]["n"]) <= 6
     assert "starvation_macro_f1" in real
     assert report["predict_us_single"] > 0 and report["predict_ms_batch_1000"] > 0
 
@@ -261,3 +264,26 @@ def test_cli_eval_without_a_model_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["surrogate", "eval", "--profile", "bare", "--runs", "none"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "lorafleet surrogate train --profile bare" in err
+
+
+def test_real_runs_read_cap_bound_rows_behind_their_client_cap(tmp_path):
+    """A run whose harness cap bound is predicted at its capped load; the same rows with no
+    cap recorded (an unbounded client) are predicted at the offered load."""
+    from twin.surrogate import _real_run_cap_bound, evaluate_real_runs, load_surrogate
+
+    runs = pd.read_csv(RUNS)
+    runs = runs[(runs["model"] == PROFILE) & (runs["status"] == "ok")
+                & runs["quality_flag"].isna()]
+    bound = runs[[_real_run_cap_bound(r) is True for _, r in runs.iterrows()]].head(3)
+    assert len(bound) == 3
+    model = load_surrogate(PROFILE)
+    bound.to_csv(tmp_path / "capped.csv", index=False)
+    capped, _, _ = evaluate_real_runs(model, tmp_path / "capped.csv")
+    assert capped["total_throughput_tps_cap_reached"]["n"] == 3
+    assert capped["total_throughput_tps"]["smape"] != capped[
+        "total_throughput_tps_uncapped_client"]["smape"]
+    bound.assign(client_max_inflight=np.nan).to_csv(tmp_path / "free.csv", index=False)
+    free, _, _ = evaluate_real_runs(model, tmp_path / "free.csv")
+    assert free["total_throughput_tps"] == free["total_throughput_tps_uncapped_client"]
+    assert free["total_throughput_tps_uncapped_client"] == capped[
+        "total_throughput_tps_uncapped_client"]
