@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--compare", action="store_true",
                    help="run every registered policy and verify each plan with full twin runs")
     p.add_argument("--verify", action="store_true",
-                   help="verify every replica group of the plan with a full twin run")
+                   help="verify every replica group of the plan with a full twin run (lorafleet: "
+                        "re-planned at a tighter margin while the twin starves a replica)")
     p.add_argument("--gpu-budget", type=int, default=None, metavar="N",
                    help="error if the plan needs more than N replicas (says what N can serve)")
     p.add_argument("-o", "--output", default=None, help="write the plan YAML here")
@@ -84,10 +85,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from orchestrator.cli import CLIError, print_json
-    from placement.planner import compare, make_plan, policy_summary
+    from placement.planner import compare, make_plan, policy_summary, verify_and_settle
     from placement.policy import PlacementContext
     from placement.predictors import make_predictor
-    from placement.verify import verify_plan
     from twin.profile import load_profile
     from twin.workload import Workload
 
@@ -117,7 +117,7 @@ def _plan(args: argparse.Namespace) -> int:
     total_s = time.perf_counter() - t0
     if args.verify:
         with _progress(not args.json) as progress:
-            plan = verify_plan(plan, profile, progress=progress, **verify_kw)
+            plan = verify_and_settle(plan, workload, ctx, progress=progress, **verify_kw)
     if args.output:
         plan.to_yaml(args.output)
     if args.json:

@@ -18,7 +18,9 @@ Steps (docs/placement.md#packing), each a few batched predictor calls:
 3. The same packing with every adapter in one class (at the largest rank) is also tried; the
    plan with fewer replicas wins (ties: the rank-aware one). Its search stops as soon as it
    cannot end with fewer.
-4. Reduction: replicas are emptied into the others' spare capacity, lightest first.
+4. Reduction: replicas are emptied into the others' spare capacity, lightest first, in fill
+   rounds: what a replica refused (its headroom, measured on its old mix, over-estimated what
+   many new adapters leave) is offered to the replicas that took all of theirs.
 5. Repair: any replica still infeasible at the end (a noisy predictor) is split in two.
 6. Margin: with the replica count fixed, the packing is redone at tighter target utilisations
    (bisection between 60 % and 100 % of the requested one, three packings) and the tightest that
@@ -67,6 +69,12 @@ MAX_REDUCTIONS = 4
 MARGIN_FLOOR = 0.6
 MARGIN_STEPS = 3
 MAX_REPAIRS = 4
+# reduction's fill rounds: a round's headroom estimate is for each bin's old mix, so a bin given
+# many new adapters keeps only a prefix; the next round offers the rest to the bins that took
+# all theirs (only in the reduction, whose outcome is all or nothing: in the class packing,
+# more rounds change what the later classes find and gave 47 instead of 46 replicas on the
+# surrogate's uniform-5000)
+MAX_FILL_ROUNDS = 6
 # a probe of the search on k judges its new bins in chunks of doubling size, from 1/PROBE_CHUNKS
 # of them (at least PROBE_CHUNK_MIN), and stops at the first infeasible one
 PROBE_CHUNKS = 16
@@ -235,7 +243,7 @@ class _Packer:
             pool = np.arange(len(items.pos)) if R is None else np.flatnonzero(items.rank == R)
             left = pool.tolist()
             if bins:
-                left = self.fill(bins, left)
+                left, _ = self.fill(bins, left)
             if left:
                 opened = self.pack_class(
                     np.array(left, dtype=np.int64),
@@ -281,8 +289,11 @@ class _Packer:
         # k == hi and infeasible: even one item per bin fails; repaired and reported downstream
         return None if k is None else [self._bin(g) for g in tried[k][1]]
 
-    def fill(self, bins: list[_Bin], pool: list[int], *, allow_raise: bool = False) -> list[int]:
-        """Put pool items into the bins' spare capacity; returns the items left over.
+    def fill(
+        self, bins: list[_Bin], pool: list[int], *, allow_raise: bool = False
+    ) -> tuple[list[int], list[_Bin]]:
+        """Put pool items into the bins' spare capacity; returns the items left over and the
+        bins that refused some of what they were given.
 
         A bin's spare is estimated from its headroom: largest item first, into the bin with the
         most spare among the lowest slot rank that holds it (keeps items on the cheapest
@@ -316,7 +327,7 @@ class _Packer:
             added.setdefault(j, []).append(item)
             heapq.heappush(heaps[home], (room + need, j))
         if not added:
-            return left
+            return left, []
         base = {j: list(bins[j].items) for j in added}
         # bisection on how many of its new items each bin keeps: lo feasible, hi not (yet)
         lo = dict.fromkeys(added, 0)
@@ -330,11 +341,30 @@ class _Packer:
                 else:
                     hi[j] = m - 1
             probe = {j: (lo[j] + hi[j] + 1) // 2 for j in added if lo[j] < hi[j]}
+        refused = []
         for j, new in added.items():
             keep = lo[j]
             for item in new[:keep]:
                 self._add(bins[j], item)
             left += new[keep:]
+            if keep < len(new):
+                refused.append(bins[j])
+        return left, refused
+
+    def fill_rounds(self, bins: list[_Bin], pool: list[int], *,
+                    allow_raise: bool = False) -> list[int]:
+        """``fill`` again with what it left over, while a round still places something (at
+        most ``MAX_FILL_ROUNDS``), offering the leftovers only to bins that took everything
+        they were given: a bin that refused part of its share (its headroom, measured on its
+        old mix, over-estimated what many new adapters leave) would attract them again."""
+        left, open_bins = pool, list(bins)
+        for _ in range(MAX_FILL_ROUNDS):
+            before = len(left)
+            left, refused = self.fill(open_bins, left, allow_raise=allow_raise)
+            if not left or len(left) == before:
+                break
+            # a bin that refused items is full whatever its re-measured headroom says
+            open_bins = [b for b in open_bins if not any(b is r for r in refused)]
         return left
 
     def reduce(self, bins: list[_Bin]) -> list[_Bin]:
@@ -346,7 +376,7 @@ class _Packer:
             attempts += 1
             rest = [b for b in bins if b is not victim]
             snapshot = [(list(b.items), b.size, b.rank, b.headroom) for b in rest]
-            if self.fill(rest, list(victim.items), allow_raise=True):
+            if self.fill_rounds(rest, list(victim.items), allow_raise=True):
                 for b, (its, size, rank, head) in zip(rest, snapshot, strict=True):
                     b.items, b.size, b.rank, b.headroom = its, size, rank, head
                 continue

@@ -510,3 +510,72 @@ def test_lower_bound_survives_idle_adapters_next_to_a_hot_one():
     ctx = PlacementContext.for_profile(profile, AnalyticPredictor(profile))
     lb = compute_lower_bound(w, ctx)
     assert lb.replicas >= 1
+
+
+def test_fill_rounds_offer_a_full_bins_leftovers_to_the_others(llama):
+    """Rank-8 adapters go first to the rank-16 replica, whose headroom (measured on its two
+    adapters) says they all fit; but it holds at most 6 adapters, so it keeps a prefix. One
+    fill round leaves the rest; the next offers them to the rank-64 replica, which has room."""
+    from placement.packing import _Packer
+
+    limit = {16: 6, 64: 12}  # adapters a replica of that slot rank serves before collapsing
+    cliff = CapacityPredictor(lambda r, g, n: 1000.0 if n <= limit.get(r, 99) else 10.0)
+    w = workload([("a16", 16, 0.5), ("b16", 16, 0.5),  # 200 tok/s at 200 tokens per request
+                  *[(f"c64-{i}", 64, 0.5) for i in range(3)],
+                  *[(f"p{i}", 8, 0.25) for i in range(8)]])  # 8 x 50 tok/s to place
+    ctx = prepare(w, ctx_for(llama, cliff))
+    index = WorkloadIndex(w)
+
+    def setup() -> tuple[_Packer, list, list[int]]:
+        packer = _Packer(index, ctx, ctx.lower_bound)
+        packer.split_hot()
+        pos = {index.ids[p]: i for i, p in enumerate(packer.items.pos.tolist())}
+        bins = [packer._bin([pos["a16"], pos["b16"]]),
+                packer._bin([pos[f"c64-{i}"] for i in range(3)])]
+        return packer, bins, [pos[f"p{i}"] for i in range(8)]
+
+    packer, bins, pool = setup()
+    left, refused = packer.fill(bins, pool)
+    assert len(left) == 4 and refused == [bins[0]] and len(bins[0].items) == 6
+    packer, bins, pool = setup()
+    assert packer.fill_rounds(bins, pool) == []
+    assert [len(b.items) for b in bins] == [6, 7]
+    assert all(packer.feasible([b.items for b in bins]))
+
+
+def _twin_serving_at_most(capacity_tps: float):
+    """A stand-in for verification's twin runs (a ``Mapper``): each replica serves at most
+    ``capacity_tps``, less than the predictor believes."""
+    def mapper(fn, jobs, progress=None):  # noqa: ANN001, ANN202 - the Mapper protocol
+        out = []
+        for _profile, load, _engine, duration_s, seed in jobs:
+            offered = load.offered_tokens_per_s()
+            served = min(offered, capacity_tps)
+            out.append({"total_throughput_tps": served, "offered_total_tps": offered,
+                        "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 5.0,
+                        "itl_p99_ms": 9.0, "starved": served < 0.9 * offered,
+                        "duration_s": duration_s, "seed": seed, "wall_s": 0.0})
+        return out
+    return mapper
+
+
+def test_lorafleet_settles_on_the_twin_and_baselines_do_not(llama):
+    """The predictor says a replica serves 1,000 tok/s, the twin 800: the first plan's two
+    replicas starve in the twin, so lorafleet plans again at a tighter margin until none does;
+    a baseline's plan is reported as verified, starved replicas and all."""
+    from placement.planner import verify_and_settle
+
+    w = workload([(f"a{i:02d}", 8, 0.5) for i in range(20)])  # 20 x 100 tok/s
+    ctx = prepare(w, ctx_for(llama, flat(1000.0)))
+    twin = {"duration_s": 60.0, "mapper": _twin_serving_at_most(800.0)}
+    first = make_plan(w, ctx, "lorafleet")
+    assert first.replicas == 2
+    settled = verify_and_settle(first, w, ctx, **twin)
+    assert settled.is_verified and settled.starved_replicas() == 0
+    assert settled.replicas == 3
+    assert settled.settings["target_utilisation"] < first.settings["target_utilisation"]
+    baseline = verify_and_settle(make_plan(w, ctx, "round_robin"), w, ctx, **twin)
+    assert baseline.replicas == 2 and baseline.starved_replicas() == 2
+    # a plan the twin cannot settle within the rounds comes back with its starved replicas
+    stuck = verify_and_settle(first, w, ctx, duration_s=60.0, mapper=_twin_serving_at_most(1.0))
+    assert stuck.is_verified and stuck.starved_replicas() > 0
