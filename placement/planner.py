@@ -87,13 +87,12 @@ def verify_and_settle(
     plan: Plan, workload: Workload, ctx: PlacementContext, **verify_kw: Any
 ) -> Plan:
     """``plan`` verified by full twin runs (unless it already is); for a policy in
-    ``SETTLES_ON_TWIN``, while the twin
-    finds a starved replica, the workload is planned again at a tighter target utilisation
-    (``SETTLE_TIGHTENING`` x the one the plan used, i.e. after its margin step) and verified
-    again, at most ``SETTLE_ROUNDS`` times. The predictor packs to the edge of what *it*
-    believes; the twin is the ground truth, so a replica it starves costs a replica more, not a
-    starved plan. After the last round the plan is returned with its starved replicas, which
-    every report shows."""
+    ``SETTLES_ON_TWIN``, while the twin finds a starved replica, the workload is planned again
+    at a tighter target utilisation (``SETTLE_TIGHTENING`` x the one the plan used, i.e. after
+    its margin step) and verified again, at most ``SETTLE_ROUNDS`` times. The predictor packs
+    to the edge of what *it* believes; the twin is the ground truth, so a replica it starves
+    costs a replica more, not a starved plan. After the last round the plan is returned with
+    its starved replicas, which every report shows."""
     checked = plan if plan.is_verified else verify_plans([plan], ctx.profile, **verify_kw)[0]
     if plan.policy not in SETTLES_ON_TWIN:
         return checked

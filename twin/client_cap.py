@@ -69,21 +69,20 @@ def cap_equivalent_loads(
     cap = np.array([np.inf if c is None else float(c) for c in caps])
     window = np.asarray(window_s, float)
 
-    def gap(rate: np.ndarray) -> tuple[np.ndarray, list[ReplicaLoad]]:
-        scaled = [_scaled(ld, r, o) for ld, r, o in zip(loads, rate, offered, strict=True)]
-        served = np.asarray(throughput_tps(scaled), float) / per_request
-        return rate - cap_equivalent_rate(offered, served, cap, window), scaled
+    def scaled(rate: np.ndarray) -> list[ReplicaLoad]:
+        return [_scaled(ld, r, o) for ld, r, o in zip(loads, rate, offered, strict=True)]
 
-    at_offered, scaled = gap(offered)
+    def gap(rate: np.ndarray) -> np.ndarray:
+        served = np.asarray(throughput_tps(scaled(rate)), float) / per_request
+        return rate - cap_equivalent_rate(offered, served, cap, window)
+
     lo, hi = np.zeros_like(offered), offered.copy()
-    active = at_offered > 0  # the cap binds at the offered load: the answer lies below it
+    active = gap(offered) > 0  # the cap binds at the offered load: the answer lies below it
     for _ in range(iterations if active.any() else 0):
         mid = np.where(active, 0.5 * (lo + hi), offered)
-        g, _ = gap(mid)
+        g = gap(mid)
         lo, hi = np.where(active & (g < 0), mid, lo), np.where(active & (g >= 0), mid, hi)
-    if active.any():
-        _, scaled = gap(np.where(active, hi, offered))
-    return scaled
+    return scaled(hi)
 
 
 def _scaled(load: ReplicaLoad, rate: float, offered: float) -> ReplicaLoad:
