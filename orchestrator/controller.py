@@ -80,6 +80,10 @@ class ControllerSettings:
     drain_timeout_s: float = 300.0
     fanout_batch: int = 1
     fanout_cpus: float = 0.5
+    # a re-plan after a step in the load rests on the few seconds since it, N requests: the
+    # fleet is sized for the estimate + this many Poisson sds (x (1 + k / sqrt(N))), so a low
+    # draw does not leave it a replica short (a later check only re-plans for a 20 % miss)
+    step_margin_sd: float = 1.0
     drift: DriftConfig = field(default_factory=DriftConfig)
     replan: ReplanConfig = field(default_factory=ReplanConfig)
 
@@ -89,6 +93,10 @@ class ControllerSettings:
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"controller.{name}: must be a positive number, got {v!r}")
+        if not isinstance(self.step_margin_sd, int | float) or not (
+                math.isfinite(self.step_margin_sd) and self.step_margin_sd >= 0):
+            raise ValueError(f"controller.step_margin_sd: must be a number >= 0, got "
+                             f"{self.step_margin_sd!r}")
         if not 0 <= self.min_span_s <= self.window_s:
             raise ValueError(f"controller.min_span_s: must be within [0, window_s], "
                              f"got {self.min_span_s}")
@@ -383,11 +391,17 @@ class ControllerCore:
             self.last_check = record
             return record
         detected = self.event("drift", reasons=list(drift.reasons))
-        decision = replan(est, self.ctx, self.plan, self.settings.replan, self.verify)
+        margin = 1.0
+        if "changed_s_ago" in seen and arrived > 0:
+            margin = 1.0 + self.settings.step_margin_sd / math.sqrt(arrived)
+            record["step_margin"] = round(margin, 4)
+        decision = replan(est.scaled(margin) if margin != 1.0 else est, self.ctx, self.plan,
+                          self.settings.replan, self.verify)
         record["decision"] = decision.reason
         self.event("replan", apply=decision.apply, reason=decision.reason,
                    seconds=round(decision.wall_s, 3), timings=decision.timings,
-                   replicas=decision.plan.replicas if decision.plan else None)
+                   replicas=decision.plan.replicas if decision.plan else None,
+                   **({"step_margin": record["step_margin"]} if margin != 1.0 else {}))
         if decision.apply and decision.plan is not None and self.settings.auto_apply:
             record["transition"] = self.apply(decision.plan, detected_at=detected["t"])
         elif not decision.apply:

@@ -5,6 +5,7 @@ and recovery from the replicas can be checked exactly."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -241,6 +242,39 @@ def test_a_step_in_the_load_is_estimated_from_the_traffic_after_it(core) -> None
     est, seen = c.estimate(now[0])
     assert "changed_s_ago" not in seen and seen["span_s"] == 20.0
     assert est.total_rate_rps == pytest.approx(30.0, rel=0.05)
+
+
+def test_a_replan_after_a_step_is_sized_one_sd_above_its_estimate(core, monkeypatch) -> None:
+    """The few seconds after a step give a noisy estimate: the re-plan is handed the estimate
+    x (1 + 1/sqrt(N)); a whole window's estimate is handed over as it is."""
+    import orchestrator.controller as controller
+
+    handed: list[Workload] = []
+    real = controller.replan
+    monkeypatch.setattr(controller, "replan",
+                        lambda w, *a, **k: handed.append(w) or real(w, *a, **k))
+    c, _, now = core
+    c.settings = ControllerSettings(**{**c.settings.__dict__, "auto_apply": False})
+    c.bootstrap()
+    feed(c, now, planned_workload(c.plan), 14)
+    feed(c, now, workload(30.0), 6)
+    est, seen = c.estimate(now[0])
+    out = c.check()
+    n = est.total_rate_rps * seen["span_s"]
+    assert out["step_margin"] == pytest.approx(1 + 1 / math.sqrt(n), abs=1e-4)
+    assert handed[-1].total_rate_rps == pytest.approx(
+        est.total_rate_rps * out["step_margin"], rel=1e-4)  # the record rounds the margin
+    assert c.events[-1]["kind"] == "replan" and c.events[-1]["step_margin"] == out["step_margin"]
+    feed(c, now, workload(30.0), 20)
+    est, _ = c.estimate(now[0])
+    out = c.check()
+    assert "step_margin" not in out and handed[-1].total_rate_rps == pytest.approx(
+        est.total_rate_rps)
+
+
+def test_step_margin_must_be_a_number_at_least_zero() -> None:
+    with pytest.raises(ValueError, match="step_margin_sd"):
+        ControllerSettings(step_margin_sd=-1.0)
 
 
 def test_recovery_adopts_the_newest_stamped_fleet(core) -> None:

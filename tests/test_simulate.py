@@ -101,3 +101,11 @@ def test_every_example_workload_simulates(llama, name):
     res = simulate(w, cfg, llama, seed=0, duration_s=min(w.duration_s, 120.0))
     assert res.metrics["offered_requests"] > 0
     assert res.metrics["completed"] > 0
+
+
+def test_a_window_without_requests_serves_nothing_and_does_not_starve(llama):
+    """A fleet whose load stopped: the controller verifies its plan on the zero-rate estimate."""
+    w = small().scaled(0.0)
+    res = simulate(w, build_engine_config(w, llama, max_loras=8), llama, seed=0)
+    assert res.metrics["completed"] == 0 and res.metrics["total_throughput_tps"] == 0.0
+    assert not res.metrics["starved"]

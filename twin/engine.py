@@ -204,9 +204,11 @@ def run_engine(
     ok_idx = np.flatnonzero(np.frombuffer(bytes(state), dtype=np.uint8) != _REJECTED)
     by_adapter = ok_idx[np.argsort(adapter_np[ok_idx], kind="stable")]
     keys, starts = np.unique(adapter_np[by_adapter], return_index=True)
+    # (np.split of an empty array still gives one chunk: no requests, no adapters)
     aidx: dict[int, list[int]] = {
         int(k): chunk.tolist()
-        for k, chunk in zip(keys, np.split(by_adapter, starts[1:]), strict=True)
+        for k, chunk in zip(keys, np.split(by_adapter, starts[1:]) if len(keys) else [],
+                            strict=True)
     }
     aptr: dict[int, int] = {a: 0 for a in aidx}
     gptr = 0  # global pointer over fresh requests
