@@ -225,14 +225,21 @@ def test_a_tripled_load_scales_up_and_a_steady_one_does_not(core) -> None:
         e["kind"] for e in c.events}
 
 
-def test_a_step_in_the_load_is_estimated_from_the_traffic_after_it(core) -> None:
-    """A tripling 6 s before the check: the estimate is the new rate, not the window's blend of
-    old and new (which would size the fleet for a fraction of the step)."""
+def tripled_6s_ago(core) -> tuple[ControllerCore, list[float]]:
+    """A bootstrapped core (not applying its decisions) fed its planned load for 14 s, then
+    30 req/s (three times it) for 6 s."""
     c, _, now = core
     c.settings = ControllerSettings(**{**c.settings.__dict__, "auto_apply": False})
     c.bootstrap()
     feed(c, now, planned_workload(c.plan), 14)
     feed(c, now, workload(30.0), 6)
+    return c, now
+
+
+def test_a_step_in_the_load_is_estimated_from_the_traffic_after_it(core) -> None:
+    """A tripling 6 s before the check: the estimate is the new rate, not the window's blend of
+    old and new (which would size the fleet for a fraction of the step)."""
+    c, now = tripled_6s_ago(core)
     est, seen = c.estimate(now[0])
     # (the feed's slow adapters arrive in whole requests every few seconds: +-1 s)
     assert 5.0 <= seen["changed_s_ago"] == seen["span_s"] <= 7.0
@@ -253,11 +260,7 @@ def test_a_replan_after_a_step_is_sized_one_sd_above_its_estimate(core, monkeypa
     real = controller.replan
     monkeypatch.setattr(controller, "replan",
                         lambda w, *a, **k: handed.append(w) or real(w, *a, **k))
-    c, _, now = core
-    c.settings = ControllerSettings(**{**c.settings.__dict__, "auto_apply": False})
-    c.bootstrap()
-    feed(c, now, planned_workload(c.plan), 14)
-    feed(c, now, workload(30.0), 6)
+    c, now = tripled_6s_ago(core)
     est, seen = c.estimate(now[0])
     out = c.check()
     n = est.total_rate_rps * seen["span_s"]
