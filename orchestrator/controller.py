@@ -391,17 +391,16 @@ class ControllerCore:
             self.last_check = record
             return record
         detected = self.event("drift", reasons=list(drift.reasons))
-        margin = 1.0
+        target, sized = est, {}
         if "changed_s_ago" in seen and arrived > 0:
             margin = 1.0 + self.settings.step_margin_sd / math.sqrt(arrived)
-            record["step_margin"] = round(margin, 4)
-        decision = replan(est.scaled(margin) if margin != 1.0 else est, self.ctx, self.plan,
-                          self.settings.replan, self.verify)
+            target, sized = est.scaled(margin), {"step_margin": round(margin, 4)}
+        record.update(sized)
+        decision = replan(target, self.ctx, self.plan, self.settings.replan, self.verify)
         record["decision"] = decision.reason
         self.event("replan", apply=decision.apply, reason=decision.reason,
                    seconds=round(decision.wall_s, 3), timings=decision.timings,
-                   replicas=decision.plan.replicas if decision.plan else None,
-                   **({"step_margin": record["step_margin"]} if margin != 1.0 else {}))
+                   replicas=decision.plan.replicas if decision.plan else None, **sized)
         if decision.apply and decision.plan is not None and self.settings.auto_apply:
             record["transition"] = self.apply(decision.plan, detected_at=detected["t"])
         elif not decision.apply:
