@@ -24,6 +24,9 @@ def add_parser(subparsers: Any) -> None:
     t = sub.add_parser("train", help="run the twin over the designed space and fit the models")
     t.add_argument("--profile", required=True, help="profile name or YAML path")
     t.add_argument("--samples", type=int, default=2000, help="twin runs (default 2000)")
+    t.add_argument("--capped-samples", type=int, default=2000,
+                   help="twin runs of the capped design: overloaded replicas behind a client "
+                   "with an in-flight cap (default 2000; those --data lacks are run and added)")
     t.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of the design and the split")
     t.add_argument("--out", default=None,
@@ -58,11 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from twin.surrogate import SurrogateError, train_surrogate
 
-    if args.workers < 1 or args.samples < 10:
-        return _fail(ValueError("--workers must be >= 1 and --samples >= 10"))
+    if args.workers < 1 or args.samples < 10 or args.capped_samples < 0:
+        return _fail(ValueError(
+            "--workers must be >= 1, --samples >= 10 and --capped-samples >= 0"))
     try:
         meta = train_surrogate(
-            args.profile, samples=args.samples, workers=args.workers, seed=args.seed,
+            args.profile, samples=args.samples, capped_samples=args.capped_samples,
+            workers=args.workers, seed=args.seed,
             out=args.out, data=args.data, duration_s=args.window, progress=not args.json,
         )
     except SurrogateError as exc:
@@ -72,9 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(f"wrote [bold]{meta['directory']}[/] ({meta['n_samples']} twin runs, "
-                  f"{meta['n_held_out']} held out; throughput as {meta['throughput_target']}, "
-                  f"starvation by {meta['starvation']})")
+                  f"{meta.get('n_capped', 0)} of them capped, {meta['n_held_out']} held out; "
+                  f"throughput as {meta['throughput_target']}, starvation by "
+                  f"{meta['starvation']})")
     console.print(_held_out_table(meta["held_out"]))
+    if meta.get("held_out_capped_design"):
+        console.print(_held_out_table(meta["held_out_capped_design"], "capped design"))
     return 0
 
 
@@ -93,6 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(_held_out_table(report["held_out"]))
+    if report.get("held_out_capped_design"):
+        console.print(_held_out_table(report["held_out_capped_design"], "capped design"))
     if "real_runs" in report:
         console.print(_real_runs_table(report["real_runs"]))
     console.print(
@@ -108,10 +118,10 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f} %"
 
 
-def _held_out_table(held: dict[str, Any]) -> Any:
+def _held_out_table(held: dict[str, Any], design: str = "uncapped client") -> Any:
     from rich.table import Table
 
-    table = Table(title="held-out twin runs (standard SMAPE)", header_style="bold")
+    table = Table(title=f"held-out twin runs, {design} (standard SMAPE)", header_style="bold")
     for col in ("metric", "all runs", "n", "not starved", "n"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, s in held.items():
@@ -125,14 +135,15 @@ def _held_out_table(held: dict[str, Any]) -> Any:
 def _real_runs_table(real: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"measured runs ({real['n_runs']}; throughput for the load their capped "
-                  "client let through, twin/client_cap.py)", header_style="bold")
+    table = Table(title=f"measured runs ({real['n_runs']}; read behind their client's cap by "
+                  f"{real.get('throughput_behind_cap', '-')})", header_style="bold")
     for col in ("metric", "SMAPE / score", "n"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for metric, s in real.items():
         if isinstance(s, dict):
             table.add_row(metric, _pct(s["smape"]), str(s["n"]))
-    for key in ("starvation_macro_f1", "starvation_accuracy"):
+    for key in ("starvation_macro_f1", "starvation_macro_f1_uncapped_client",
+                "starvation_accuracy"):
         if real.get(key) is not None:
             table.add_row(key.replace("_", " "), f"{real[key]:.4f}", str(real["n_runs"]))
     return table

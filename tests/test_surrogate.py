@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +15,29 @@ from orchestrator.cli import main
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import REPO_PROFILES_DIR, load_profile
-from twin.replica import PREDICTED_METRICS, ReplicaLoad
+from twin.replica import PREDICTED_METRICS, ReplicaLoad, TwinPredictor
 from twin.surrogate import (
+    HELD_OUT_FRACTION,
     Surrogate,
     SurrogateError,
+    design_held_out,
+    held_out_mask,
     load_surrogate,
     macro_f1,
     surrogate_dir,
 )
 from twin.surrogate_data import (
+    CAP_RANGE,
     MAX_LORAS_GRID,
     RANKS,
     RATE_SHAPES,
+    SampleSpec,
     length_menu,
     run_samples,
     sample_space,
 )
-from twin.surrogate_features import FEATURE_NAMES, FeatureBuilder, build_features
+from twin.surrogate_features import CAP_NEVER_S, FEATURE_NAMES, FeatureBuilder, build_features
+from twin.workload import WorkloadError
 
 PROFILE = "llama-3.1-8b-instruct"
 RUNS = Path(__file__).resolve().parent.parent / "data/reference/vllm-0.8.5-h100/validation_runs.csv"
@@ -86,15 +93,50 @@ def test_feature_values_are_the_physical_summaries(profile):
     assert x[COL["entropy_norm"]] < 0.99
 
 
+def test_client_cap_features(profile):
+    """An unbounded client is "never"; a cap is read against the offered rate and, when the
+    replica is overloaded, against the excess over its capacity."""
+    cfg = EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=16)
+    free = _load(np.full(8, 50.0))
+    x_free = build_features([free], [cfg], profile)[0]
+    assert x_free[COL["client_cap_s"]] == x_free[COL["client_cap_fill_s"]] == CAP_NEVER_S
+    x = build_features([replace(free, client_max_inflight=1000)], [cfg], profile)[0]
+    cap_col = COL["client_cap_s"]
+    np.testing.assert_array_equal(x[:cap_col], x_free[:cap_col])  # the rest is the load's
+    assert x[cap_col] == pytest.approx(1000 / 400.0)
+    excess = 400.0 - x[COL["capacity_rps"]]
+    assert excess > 0
+    assert x[COL["client_cap_fill_s"]] == pytest.approx(1000 / excess)
+    light = replace(_load(np.full(8, 0.01)), client_max_inflight=1000)
+    x_light = build_features([light], [cfg], profile)[0]
+    assert x_light[cap_col] == pytest.approx(1000 / 0.08)
+    assert x_light[COL["client_cap_fill_s"]] == CAP_NEVER_S  # the queue never fills
+
+
+def test_client_cap_must_be_a_positive_int():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(WorkloadError, match="client_max_inflight"):
+            replace(_load([1.0]), client_max_inflight=bad)
+
+
+def test_twin_predictor_runs_the_load_behind_its_client_cap(profile):
+    cfg = EngineConfig(max_loras=4, max_cpu_loras=8, max_lora_rank=16, max_num_seqs=64)
+    load = _load(np.full(8, 20.0))  # far beyond what 64 sequences serve
+    twin = TwinPredictor(profile, duration_s=60.0, seed=1)
+    free, capped = twin.predict([load, replace(load, client_max_inflight=100)], [cfg, cfg])
+    # the uncapped queue grows all minute; behind the cap a request waits for <= 100 others
+    assert capped["ttft_p50_ms"] < free["ttft_p50_ms"] / 3
+
+
 def test_batch_rows_equal_single_rows(profile):
-    specs = sample_space(25, profile, seed=11)
+    specs = sample_space(25, profile, seed=11) + sample_space(8, profile, seed=11, capped=True)
     menu = {n: lm for n, lm, _ in length_menu(profile.max_model_len)}
     pairs = [s.build(menu) for s in specs]
     loads, cfgs = [p[0] for p in pairs], [p[1] for p in pairs]
     batch = FeatureBuilder(profile)(loads, cfgs)
     singles = np.vstack([build_features([ld], [c], profile) for ld, c in pairs])
     np.testing.assert_allclose(batch, singles, rtol=1e-12)
-    assert batch.shape == (25, len(FEATURE_NAMES)) and np.isfinite(batch).all()
+    assert batch.shape == (33, len(FEATURE_NAMES)) and np.isfinite(batch).all()
 
 
 # ------------------------------------------------------------------------------ designed space
@@ -120,6 +162,36 @@ def test_sampler_is_seeded_and_covers_the_space(profile):
         assert cfg.max_lora_rank >= load.max_rank and cfg.max_cpu_loras >= cfg.max_loras
         ratios.append(build_features([load], [cfg], profile)[0, COL["load_ratio"]])
     assert min(ratios) < 0.25 and max(ratios) > 1.5 and np.median(ratios) < 1.2
+
+
+def test_capped_design_is_overloaded_behind_a_cap(profile):
+    uncapped = sample_space(40, profile, seed=5)
+    capped = sample_space(30, profile, seed=5, capped=True)
+    assert all(s.client_max_inflight == 0 for s in uncapped)
+    assert all(CAP_RANGE[0] <= s.client_max_inflight <= CAP_RANGE[1] for s in capped)
+    assert capped[:10] == sample_space(10, profile, seed=5, capped=True)
+    assert uncapped == sample_space(40, profile, seed=5)  # its own stream: design unchanged
+    menu = {name: lm for name, lm, _ in length_menu(profile.max_model_len)}
+    pairs = [s.build(menu) for s in capped]
+    x = build_features([p[0] for p in pairs], [p[1] for p in pairs], profile)
+    assert (x[:, COL["load_ratio"]] >= 0.8 - 1e-9).all() and x[:, COL["load_ratio"]].max() > 3
+    assert all(p[0].client_max_inflight == s.client_max_inflight
+               for p, s in zip(pairs, capped, strict=True))
+
+
+def test_tables_from_before_the_capped_design_read_as_uncapped(profile):
+    row = sample_space(1, profile, seed=5)[0].to_row()
+    del row["spec_client_max_inflight"]
+    assert SampleSpec.from_row(row).client_max_inflight == 0
+
+
+def test_adding_capped_runs_keeps_the_uncapped_split():
+    before = pd.DataFrame({"spec_client_max_inflight": [0] * 50})
+    after = pd.DataFrame({"spec_client_max_inflight": [0] * 50 + [500] * 20})
+    np.testing.assert_array_equal(design_held_out(before, 3), held_out_mask(50, 3))
+    mask = design_held_out(after, 3)
+    np.testing.assert_array_equal(mask[:50], held_out_mask(50, 3))
+    assert mask[50:].sum() == round(20 * HELD_OUT_FRACTION)
 
 
 # ------------------------------------------------------------------------------ a small model
@@ -166,6 +238,24 @@ def test_implements_the_replica_predictor_contract(profile, small_model):
         assert all(isinstance(row[k], float) for k in PREDICTED_METRICS if k != "starved")
     with pytest.raises(ValueError, match="differ in length"):
         small_model.predict(loads, [cfg])
+
+
+def test_loads_behind_a_cap_go_to_the_capped_ensemble(profile, runs_table, small_model):
+    cfg = EngineConfig(max_loras=8, max_cpu_loras=40, max_lora_rank=16)
+    free = [_load(np.full(40, q)) for q in (0.05, 2.0)]
+    capped = [replace(ld, client_max_inflight=500) for ld in free]
+    with pytest.raises(SurrogateError, match="--capped-samples"):
+        small_model.predict(capped, [cfg, cfg])
+    model = Surrogate(profile, n_estimators=40, min_child_samples=3).fit(runs_table, runs_table)
+    model.capped_ = Surrogate(profile, n_estimators=10, min_child_samples=3).fit(
+        runs_table, runs_table)
+    mixed = model.predict_columns([free[0], capped[0], free[1], capped[1]], [cfg] * 4)
+    own = small_model.predict_columns(free, [cfg, cfg])
+    behind = model.capped_._predict_own(model.features(capped, [cfg, cfg]))
+    for k, v in mixed.items():
+        np.testing.assert_array_equal(v[[0, 2]], own[k])
+        np.testing.assert_array_equal(v[[1, 3]], behind[k])
+    assert not np.allclose(mixed["ttft_p50_ms"][[0, 2]], mixed["ttft_p50_ms"][[1, 3]])
 
 
 def test_a_replica_with_no_traffic_serves_nothing_and_is_not_starved(small_model):
@@ -225,15 +315,19 @@ def test_load_surrogate_error_names_the_directory_and_command(tmp_path, monkeypa
 
 def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
     out = tmp_path / "s"
-    assert main(["surrogate", "train", "--profile", PROFILE, "--samples", "30", "--window",
-                 "120", "--workers", "1", "--seed", "4", "--out", str(out), "--json"]) == 0
+    assert main(["surrogate", "train", "--profile", PROFILE, "--samples", "30",
+                 "--capped-samples", "8", "--window", "120", "--workers", "1", "--seed", "4",
+                 "--out", str(out), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["n_samples"] == 30 and (out / "meta.yaml").exists()
+    assert meta["n_samples"] == 38 and meta["n_capped"] == 8 and (out / "meta.yaml").exists()
+    assert meta["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
+    assert meta["capped"] == "capped" and (out / "capped" / "throughput.txt").exists()
     assert (out / "samples.csv.gz").exists() and meta["window_s"] == 120
     assert main(["surrogate", "eval", "--profile", PROFILE, "--dir", str(out), "--runs",
                  "none", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["held_out"]["total_throughput_tps"]["n"] == meta["n_held_out"]
+    assert report["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
 
 
 def test_cli_eval_json_on_the_shipped_model(tmp_path, capsys):

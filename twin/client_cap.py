@@ -17,6 +17,10 @@ uncapped twin run at ``lambda_eq`` lands 7.6 % (Llama) / 8.0 % (Qwen) SMAPE from
 run, against 27.6 / 23.4 % at the offered load; matching the final queue instead (``mu + C/T``)
 gave 7.9 / 8.3 % (docs/surrogate.md). The comparison is twin against twin, not against the
 measured results.
+
+A surrogate trained with the capped design reads a capped load directly (its ``capped/`` trees,
+``ReplicaLoad.client_max_inflight``); this translation is what ``evaluate_real_runs`` compares
+that with, and how it reads the measured runs with a surrogate trained without capped runs.
 """
 
 from __future__ import annotations

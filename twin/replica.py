@@ -46,12 +46,18 @@ _TWIN_KEYS: dict[str, str] = {
 
 @dataclass(frozen=True, eq=False)
 class ReplicaLoad:
-    """Per-adapter ranks and rates (req/s) routed to one replica, plus their length model."""
+    """Per-adapter ranks and rates (req/s) routed to one replica, plus their length model.
+
+    ``client_max_inflight``: the most requests the client keeps in flight (more fail at the
+    client), e.g. a load generator's connection limit; None — a replica in a plan — is an
+    unbounded client. Measured runs behind such a cap are read with it.
+    """
 
     adapter_ids: tuple[str, ...]
     ranks: np.ndarray  # int64, one per adapter
     rates_rps: np.ndarray  # float64, one per adapter
     lengths: LengthModel
+    client_max_inflight: int | None = None
 
     def __post_init__(self) -> None:
         ids = tuple(self.adapter_ids)
@@ -70,6 +76,10 @@ class ReplicaLoad:
             raise WorkloadError("adapter_ids: duplicate ids on one replica")
         if not isinstance(self.lengths, LengthModel):
             raise WorkloadError(f"lengths: must be a LengthModel, got {self.lengths!r}")
+        cap = self.client_max_inflight
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer))
+                                or cap < 1):
+            raise WorkloadError(f"client_max_inflight: must be None or an int >= 1, got {cap!r}")
         object.__setattr__(self, "adapter_ids", ids)
         object.__setattr__(self, "ranks", ranks)
         object.__setattr__(self, "rates_rps", rates)
@@ -90,6 +100,7 @@ class ReplicaLoad:
         object.__setattr__(new, "ranks", ranks)
         object.__setattr__(new, "rates_rps", rates_rps)
         object.__setattr__(new, "lengths", lengths)
+        object.__setattr__(new, "client_max_inflight", None)
         return new
 
     @classmethod
@@ -185,6 +196,7 @@ class TwinPredictor:
         from twin.simulate import simulate
 
         result = simulate(
-            load.to_workload(duration_s=self.duration_s), config, self.profile, seed=self.seed
+            load.to_workload(duration_s=self.duration_s), config, self.profile, seed=self.seed,
+            client_max_inflight=load.client_max_inflight,
         )
         return {k: result.metrics[v] for k, v in _TWIN_KEYS.items()}

@@ -42,6 +42,12 @@ BUDGETS: dict[int, float] = {2048: 0.5, 4096: 0.25, 8192: 0.25}
 LOAD_BANDS: tuple[tuple[float, float, float], ...] = (
     (0.15, 0.03, 0.25), (0.62, 0.25, 1.2), (0.23, 1.2, 4.0),
 )
+# The capped design (``sample_capped_space``): a client holding at most C requests in flight
+# (C log-uniform in CAP_RANGE) in front of replicas offered CAPPED_LOAD times their analytic
+# capacity, where the cap decides how long a queue the engine walks. Beyond ~10x a capped queue
+# is full within minutes, so heavier overloads look alike and the trees' flat extrapolation fits.
+CAP_RANGE: tuple[float, float] = (2_000.0, 60_000.0)
+CAPPED_LOAD: tuple[tuple[float, float, float], ...] = ((1.0, 0.8, 10.0),)
 MIN_REQUESTS = 20  # a run with fewer offered requests says nothing about the replica
 TARGET_TASK_S = 0.05  # batch runs into tasks of at least this much estimated work
 _S_PER_REQUEST = 1.6e-6  # twin cost per offered request (benchmarks: ~1.5 us), for batching
@@ -90,6 +96,7 @@ class SampleSpec:
     max_lora_rank: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    client_max_inflight: int = 0  # 0: an unbounded client (tables written before it: 0)
 
     def weights(self) -> np.ndarray:
         """Relative per-adapter rates (sum 1), hottest first (rank assignment is shuffled)."""
@@ -124,6 +131,7 @@ class SampleSpec:
             ranks=self.rank_list(),
             rates_rps=self.total_rate_rps * self.weights(),
             lengths=menu[self.lengths],
+            client_max_inflight=self.client_max_inflight or None,
         )
         config = EngineConfig(
             max_loras=self.max_loras,
@@ -141,7 +149,10 @@ class SampleSpec:
     def from_row(cls, row: pd.Series | dict[str, Any]) -> SampleSpec:
         kw = {}
         for f in fields(cls):
-            v = row[f"spec_{f.name}"]
+            key = f"spec_{f.name}"
+            if f.name == "client_max_inflight" and (key not in row or pd.isna(row[key])):
+                continue  # a table from before the capped design: an unbounded client
+            v = row[key]
             kw[f.name] = v if f.type == "str" else (float(v) if f.type == "float" else int(v))
         return cls(**kw)
 
@@ -181,6 +192,7 @@ def _slot_rank(max_rank: int, rng: np.random.Generator) -> int:
 def _draw_one(
     rng: np.random.Generator, profile: Profile, builder: FeatureBuilder,
     menu: tuple[tuple[str, LengthModel, float], ...], duration_s: float,
+    bands: tuple[tuple[float, float, float], ...] = LOAD_BANDS, capped: bool = False,
 ) -> SampleSpec | None:
     """One spec, or None when no max_loras of the grid fits this profile's memory."""
     seed = int(rng.integers(0, 2**31 - 1))
@@ -207,10 +219,11 @@ def _draw_one(
     budget = max(_choice(rng, BUDGETS), mns)
     names, _, weights = zip(*menu, strict=True)
     lengths = names[rng.choice(len(names), p=np.array(weights) / sum(weights))]
-    band = LOAD_BANDS[rng.choice(len(LOAD_BANDS), p=[b[0] for b in LOAD_BANDS])]
+    band = bands[rng.choice(len(bands), p=[b[0] for b in bands])]
     ratio = _log_uniform(rng, band[1], band[2])
+    cap = round(_log_uniform(rng, *CAP_RANGE)) if capped else 0
     spec = SampleSpec(seed, n, shape, param, n_hot, ranks, lengths, 1.0, max_loras, max(cpu, 1),
-                      slot_rank, mns, budget)
+                      slot_rank, mns, budget, cap)
     load, config = spec.build({name: lm for name, lm, _ in menu})
     capacity_rps = builder([load], [config])[0, FEATURE_NAMES.index("capacity_rps")]
     rate = max(ratio * capacity_rps, MIN_REQUESTS / duration_s)
@@ -218,15 +231,21 @@ def _draw_one(
 
 
 def sample_space(
-    n: int, profile: Profile, seed: int = 0, duration_s: float = 3600.0
+    n: int, profile: Profile, seed: int = 0, duration_s: float = 3600.0, *, capped: bool = False
 ) -> list[SampleSpec]:
-    """``n`` seeded specs over the designed space (same inputs, same specs)."""
-    rng = np.random.default_rng(seed)
+    """``n`` seeded specs over the designed space (same inputs, same specs).
+
+    ``capped``: the capped design instead — overloaded replicas behind a client with an
+    in-flight cap (CAP_RANGE, CAPPED_LOAD); its own random stream, so adding capped runs never
+    changes the uncapped ones.
+    """
+    rng = np.random.default_rng([seed, 1] if capped else seed)
     builder = FeatureBuilder(profile)
     menu = length_menu(profile.max_model_len)
+    bands = CAPPED_LOAD if capped else LOAD_BANDS
     specs: list[SampleSpec] = []
     while len(specs) < n:
-        spec = _draw_one(rng, profile, builder, menu, duration_s)
+        spec = _draw_one(rng, profile, builder, menu, duration_s, bands, capped)
         if spec is not None:
             specs.append(spec)
     return specs

@@ -15,6 +15,12 @@ a fixed cost ``c0``; at a batch of ``B`` decoding requests the engine completes
 token budget allow. It ignores queueing, preemption and the LoRA admission rule — the trees
 learn those — but it puts "how loaded is this replica" on one axis.
 
+A client that holds at most C requests in flight (``ReplicaLoad.client_max_inflight``; the
+reference harness had such a cap) bounds the queue an overloaded replica walks: ``client_cap_s``
+= C / offered rate, and ``client_cap_fill_s`` = C / (offered − analytic capacity), the time an
+overloaded queue takes to reach the cap, to be compared with the window. Both are
+``CAP_NEVER_S`` for an unbounded client.
+
 The LoRA admission rule gets its own summaries, because it decides latency where more adapters
 are active than there are slots: an adapter leaves the slot set only when it has no running
 request, so adapters busy almost all the time lock their slots and the rest wait for the hottest
@@ -86,8 +92,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "slot_turnover_per_s",
     "slot_wait_est_s",
     "ttft_light_est_ms",
+    "client_cap_s",
+    "client_cap_fill_s",
 )
 N_FEATURES = len(FEATURE_NAMES)
+_N_KERNEL = FEATURE_NAMES.index("client_cap_s")  # the first client-cap column
+# Seconds standing for "never": an unbounded client (a replica in a plan), or a cap the queue
+# never reaches. Far beyond any window, so the trees split it off cleanly.
+CAP_NEVER_S = 1e7
 # Per-load scalars handed to the kernel, in this order.
 _SCALARS = ("max_loras", "max_lora_rank", "max_num_seqs", "budget", "cpu_slots", "kv_tokens",
             "mean_prompt", "mean_output", "prompt_cv", "output_cv")
@@ -224,6 +236,8 @@ def _kernel(offsets, rates, ranks, scal, coef, out):  # noqa: C901 - one pass, k
         row[35] = min(waiting / max(turnover, 1e-6), _MAX_WAIT_S)
         # unqueued first token: the prompt's chunks share each step's budget with the decodes
         row[36] = t_est * (1.5 + p / max(budget - row[26], _MIN_CHUNK))
+        row[37] = CAP_NEVER_S  # an unbounded client; _cap_columns fills capped loads
+        row[38] = CAP_NEVER_S
 
 
 class FeatureBuilder:
@@ -289,7 +303,22 @@ class FeatureBuilder:
             ranks = np.concatenate([ld.ranks for ld in loads])
         out = np.empty((n_loads, N_FEATURES))
         _kernel(offsets, rates, ranks, scal, self._coef, out)
+        _cap_columns(loads, out)
         return out
+
+
+def _cap_columns(loads: Sequence[ReplicaLoad], out: np.ndarray) -> None:
+    """The client-cap features (module docstring) of capped loads; the kernel wrote "never"."""
+    capped = [i for i, ld in enumerate(loads) if ld.client_max_inflight is not None]
+    if not capped:
+        return
+    cap = np.array([loads[i].client_max_inflight for i in capped], dtype=np.float64)
+    rate = out[capped, FEATURE_NAMES.index("total_rate_rps")]
+    excess = rate - out[capped, FEATURE_NAMES.index("capacity_rps")]
+    out[capped, _N_KERNEL] = np.where(rate > 0, cap / np.maximum(rate, 1e-12), CAP_NEVER_S)
+    out[capped, _N_KERNEL + 1] = np.where(
+        excess > 0, cap / np.maximum(excess, 1e-12), CAP_NEVER_S
+    )
 
 
 def build_features(
