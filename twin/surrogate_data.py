@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,8 @@ BUDGETS: dict[int, float] = {2048: 0.5, 4096: 0.25, 8192: 0.25}
 LOAD_BANDS: tuple[tuple[float, float, float], ...] = (
     (0.15, 0.03, 0.25), (0.62, 0.25, 1.2), (0.23, 1.2, 4.0),
 )
-# The capped design (``sample_capped_space``): a client holding at most C requests in flight
-# (C log-uniform in CAP_RANGE) in front of replicas offered CAPPED_LOAD times their analytic
+# The capped design (``sample_space(..., capped=True)``): a client holding at most C requests in
+# flight (C log-uniform in CAP_RANGE) in front of replicas offered CAPPED_LOAD times their analytic
 # capacity, where the cap decides how long a queue the engine walks. Beyond ~10x a capped queue
 # is full within minutes, so heavier overloads look alike and the trees' flat extrapolation fits.
 CAP_RANGE: tuple[float, float] = (2_000.0, 60_000.0)
@@ -150,8 +150,8 @@ class SampleSpec:
         kw = {}
         for f in fields(cls):
             key = f"spec_{f.name}"
-            if f.name == "client_max_inflight" and (key not in row or pd.isna(row[key])):
-                continue  # a table from before the capped design: an unbounded client
+            if f.default is not MISSING and (key not in row or pd.isna(row[key])):
+                continue  # a column newer than the table (client_max_inflight): its default
             v = row[key]
             kw[f.name] = v if f.type == "str" else (float(v) if f.type == "float" else int(v))
         return cls(**kw)
@@ -191,8 +191,7 @@ def _slot_rank(max_rank: int, rng: np.random.Generator) -> int:
 
 def _draw_one(
     rng: np.random.Generator, profile: Profile, builder: FeatureBuilder,
-    menu: tuple[tuple[str, LengthModel, float], ...], duration_s: float,
-    bands: tuple[tuple[float, float, float], ...] = LOAD_BANDS, capped: bool = False,
+    menu: tuple[tuple[str, LengthModel, float], ...], duration_s: float, capped: bool = False,
 ) -> SampleSpec | None:
     """One spec, or None when no max_loras of the grid fits this profile's memory."""
     seed = int(rng.integers(0, 2**31 - 1))
@@ -219,6 +218,7 @@ def _draw_one(
     budget = max(_choice(rng, BUDGETS), mns)
     names, _, weights = zip(*menu, strict=True)
     lengths = names[rng.choice(len(names), p=np.array(weights) / sum(weights))]
+    bands = CAPPED_LOAD if capped else LOAD_BANDS
     band = bands[rng.choice(len(bands), p=[b[0] for b in bands])]
     ratio = _log_uniform(rng, band[1], band[2])
     cap = round(_log_uniform(rng, *CAP_RANGE)) if capped else 0
@@ -242,10 +242,9 @@ def sample_space(
     rng = np.random.default_rng([seed, 1] if capped else seed)
     builder = FeatureBuilder(profile)
     menu = length_menu(profile.max_model_len)
-    bands = CAPPED_LOAD if capped else LOAD_BANDS
     specs: list[SampleSpec] = []
     while len(specs) < n:
-        spec = _draw_one(rng, profile, builder, menu, duration_s, bands, capped)
+        spec = _draw_one(rng, profile, builder, menu, duration_s, capped)
         if spec is not None:
             specs.append(spec)
     return specs
