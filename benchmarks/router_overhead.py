@@ -4,18 +4,20 @@ One run, one private Ray head, one ``sim`` replica group (the engine's step time
 the engine itself is not what is measured). Interleaved, request by request, with identical
 bodies (1-token completions):
 
-* ``direct``: the driver calls the engine replica's Serve handle (``complete``);
-* ``http``:   the driver POSTs ``/v1/completions``: Serve's HTTP proxy -> ingress deployment
-  (FastAPI, auth, routing table, least-loaded copy) -> the same engine handle;
+* ``direct``: the driver calls the engine replica's Serve handle the way the ingress does
+  (``HANDLE_TRANSPORT``: the replica's gRPC server, pickled);
+* ``listener``: the driver POSTs ``/v1/completions`` to the ingress's own listener
+  (orchestrator/listener.py): FastAPI, auth, routing table, least-loaded copy -> the same handle;
+* ``direct_by_reference``: the handle with Serve's default transport (Ray's object store);
+* ``listener_httpx``: ``listener`` with httpx, the client of load_tests/openloop (aiohttp is the
+  leaner client and the headline's);
+* ``serve_proxy``: the same API through Ray Serve's HTTP proxy (proxy -> ingress -> handle);
 * ``in_process``: the ingress's FastAPI app over an in-process replica (httpx ASGI transport)
   vs calling that replica directly - the routing code alone, without Ray or sockets.
 
-Then the request rate one ingress replica sustains (closed loop, ``--concurrency`` clients, for
-``--seconds``). Prints one JSON line. The routing layer's target: <= 1 ms added at p50.
-
-``--direct-ingress`` runs the cluster with Ray Serve's experimental direct ingress
-(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): no HTTP proxy actor, the ingress replica serves HTTP
-itself, which removes one process hop from the ``http`` path.
+Then the request rate one ingress replica sustains through its listener (closed loop,
+``--concurrency`` clients, for ``--seconds``). Prints one JSON line. The routing layer's target:
+<= 1 ms added at p50 (``ingress_overhead_p50_ms``: listener minus direct).
 """
 
 from __future__ import annotations
@@ -76,28 +78,55 @@ async def _in_process(plan_path: str, n: int, scale: float) -> dict[str, float]:
             "in_process_overhead_p50_ms": _p(api, 50) - _p(direct, 50)}
 
 
-async def _through_serve(url: str, n: int, concurrency: int, seconds: float) -> dict:
+async def _through_serve(listener: str, proxy: str, n: int, concurrency: int,
+                         seconds: float) -> dict:
+    import aiohttp
     from ray import serve
 
+    from orchestrator.serve_app import HANDLE_TRANSPORT
+
     handle = serve.get_deployment_handle("engine-group-0-0", app_name="lorafleet")
-    h = handle.options(method_name="complete")
+    h = handle.options(method_name="complete", **HANDLE_TRANSPORT)  # as the ingress calls it
+    h_ref = handle.options(method_name="complete")  # Serve's default transport
     body = {"model": "adapter-0000", "prompt": [11, 12, 13, 14], "max_tokens": 1}
-    direct, http = [], []
-    limits = httpx.Limits(max_connections=concurrency + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        for i in range(20):  # warm both paths (connections, handle's replica cache)
-            await h.remote(GenerateRequest(f"w{i}", "adapter-0000", 1, prompt_token_ids=(11,)))
-            await client.post("/v1/completions", json=body)
-        for i in range(n):
-            t = time.perf_counter()
-            res = await h.remote(GenerateRequest(f"d{i}", "adapter-0000", 1,
-                                                 prompt_token_ids=(11, 12, 13, 14)))
-            direct.append(time.perf_counter() - t)
-            assert "error" not in res
-            t = time.perf_counter()
-            r = await client.post("/v1/completions", json=body)
-            http.append(time.perf_counter() - t)
-            assert r.status_code == 200 and r.headers["x-lorafleet-replica"] == "group-0/0"
+    times: dict[str, list[float]] = {k: [] for k in (
+        "direct", "listener", "direct_by_reference", "listener_httpx", "serve_proxy")}
+    conn = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=conn) as session, \
+            httpx.AsyncClient(timeout=60) as hx:
+
+        async def post(base: str, model: str = "adapter-0000") -> str:
+            async with session.post(f"{base}/v1/completions",
+                                    json={**body, "model": model}) as r:
+                await r.read()
+                assert r.status == 200, r.status
+                return r.headers["x-lorafleet-replica"]
+
+        async def post_httpx() -> str:
+            r = await hx.post(f"{listener}/v1/completions", json=body)
+            assert r.status_code == 200
+            return r.headers["x-lorafleet-replica"]
+
+        def req(i: int) -> GenerateRequest:
+            return GenerateRequest(f"d{i}", "adapter-0000", 1, prompt_token_ids=(11, 12, 13, 14))
+
+        calls = {"direct": lambda i: h.remote(req(i)),
+                 "listener": lambda i: post(listener),
+                 "direct_by_reference": lambda i: h_ref.remote(req(i)),
+                 "listener_httpx": lambda i: post_httpx(),
+                 "serve_proxy": lambda i: post(proxy)}
+        for i in range(20):  # warm every path (connections, the handles' replica caches)
+            for call in calls.values():
+                await call(i)
+        for i in range(n):  # interleaved, request by request
+            for name, call in calls.items():
+                t = time.perf_counter()
+                out = await call(i)
+                times[name].append(time.perf_counter() - t)
+                if name.startswith("direct"):
+                    assert "error" not in out
+                else:
+                    assert out == "group-0/0"
         # sustained rate of one ingress replica: closed loop, `concurrency` clients
         done, errors = 0, 0
         stop = time.perf_counter() + seconds
@@ -106,40 +135,29 @@ async def _through_serve(url: str, n: int, concurrency: int, seconds: float) -> 
             nonlocal done, errors
             j = 0
             while time.perf_counter() < stop:
-                r = await client.post("/v1/completions",
-                                      json={**body, "model": f"adapter-{(k + j) % 8:04d}"})
-                j += 1
-                if r.status_code == 200:
+                try:
+                    await post(listener, f"adapter-{(k + j) % 8:04d}")
                     done += 1
-                else:
+                except AssertionError:
                     errors += 1
+                j += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return {
-        "direct_handle_p50_ms": _p(direct, 50), "direct_handle_p99_ms": _p(direct, 99),
-        "ingress_http_p50_ms": _p(http, 50), "ingress_http_p99_ms": _p(http, 99),
-        "ingress_overhead_p50_ms": _p(http, 50) - _p(direct, 50),
+    d = times["direct"]
+    out = {f"{k}_p50_ms": _p(v, 50) for k, v in times.items()}
+    out.update({f"{k}_p99_ms": _p(v, 99) for k, v in times.items()})
+    out.update({
+        "ingress_overhead_p50_ms": _p(times["listener"], 50) - _p(d, 50),
         "ingress_overhead_p50_paired_ms": 1e3 * statistics.median(
-            [a - b for a, b in zip(http, direct, strict=True)]),
+            [a - b for a, b in zip(times["listener"], d, strict=True)]),
+        "ingress_overhead_httpx_p50_ms": _p(times["listener_httpx"], 50) - _p(d, 50),
+        "serve_proxy_overhead_p50_ms": _p(times["serve_proxy"], 50) - _p(d, 50),
         "ingress_sustained_rps": done / elapsed, "sustained_errors": errors,
         "sustained_concurrency": concurrency,
-    }
-
-
-def _direct_port(first: int, timeout_s: float = 60.0) -> int:
-    """The port the ingress replica serves on (Serve allocates it from the configured range)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p in range(first, first + 21):
-            try:
-                if httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200:
-                    return p
-            except httpx.HTTPError:
-                continue
-        time.sleep(1)
-    raise RuntimeError(f"no direct-ingress server answered on ports {first}-{first + 20}")
+    })
+    return out
 
 
 def main() -> int:
@@ -149,20 +167,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="sustained-rate window")
     ap.add_argument("--time-scale", type=float, default=100.0,
                     help="sim engine speed-up (engine time out of the measurement)")
-    ap.add_argument("--direct-ingress", action="store_true",
-                    help="Serve's experimental direct ingress: no proxy hop (module notes)")
+    ap.add_argument("--caller-router", choices=("own-loop", "separate-loop"),
+                    default="own-loop",
+                    help="where the driver's handle router runs: on the caller's event loop, "
+                    "like the ingress's (like for like), or Serve's default separate loop")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    flags: dict[str, str] = {}
-    if args.direct_ingress:
-        from orchestrator.deploy import free_port as _free
-
-        first = _free()
-        flags = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
-                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 20)}
-        os.environ.update(flags)  # the driver's Serve client reads the flag too
-    from orchestrator.deploy import LocalHead, connect, free_port
+    # read when ray.serve is first imported, below
+    os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = \
+        "0" if args.caller_router == "own-loop" else "1"
+    from orchestrator.deploy import LocalHead, connect, free_port, wait_http
     from orchestrator.serve_app import run_application
     from orchestrator.serving_spec import ServingSpec
 
@@ -171,29 +185,30 @@ def main() -> int:
                                       max_num_batched_tokens=2048)])
     plan.to_yaml(tmp / "plan.yaml")
     out: dict = {"benchmark": "router_overhead", "engine": "sim", "requests": args.requests,
-                 "sim_time_scale": args.time_scale,
-                 "http_path": "direct_ingress" if args.direct_ingress else "serve_proxy"}
+                 "sim_time_scale": args.time_scale, "client": "aiohttp",
+                 "caller_router": args.caller_router}
     out.update(asyncio.run(_in_process(str(tmp / "plan.yaml"), args.requests, args.time_scale)))
-    head = LocalHead.start(num_cpus=4, env=flags)
-    try:
-        import ray
-        from ray import serve
+    import ray
+    from ray import serve
 
+    head = LocalHead.start(num_cpus=4)
+    try:
         connect(head.address)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        proxy_port, listen_port = free_port(), free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         t = time.perf_counter()
         run_application(ServingSpec.from_args({"plan_path": str(tmp / "plan.yaml"),
                                                "engine": "sim",
-                                               "sim_time_scale": args.time_scale}))
+                                               "sim_time_scale": args.time_scale,
+                                               "listen": f"127.0.0.1:{listen_port}"}))
+        listener = f"http://127.0.0.1:{listen_port}"
+        wait_http(f"{listener}/health", timeout_s=60)
         out["deploy_s"] = time.perf_counter() - t
-        if args.direct_ingress:
-            port = _direct_port(int(flags["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]))
-        out.update(asyncio.run(_through_serve(f"http://127.0.0.1:{port}", args.requests,
-                                              args.concurrency, args.seconds)))
-        serve.shutdown()
+        out.update(asyncio.run(_through_serve(listener, f"http://127.0.0.1:{proxy_port}",
+                                              args.requests, args.concurrency, args.seconds)))
+    finally:  # no serve.shutdown(): the handles' routers may be bound to a closed loop, and
+        # the head goes anyway; Ray first, or its GCS watchdog kills this process
         ray.shutdown()
-    finally:
         head.stop()
     out["target_overhead_p50_ms"] = 1.0
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))

@@ -196,7 +196,7 @@ def _descendants(pid: int) -> list[int]:
 @dataclass
 class DeployState:
     address: str
-    url: str
+    url: str  # the ingress's own listener
     engine: str
     plan_path: str
     app_name: str
@@ -206,6 +206,7 @@ class DeployState:
     controller: str | None = None  # the controller actor's name (namespace "lorafleet")
     created_at: float = field(default_factory=time.time)
     startup_s: float = 0.0
+    serve_url: str | None = None  # Ray Serve's HTTP proxy (same API, one hop more)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,11 +239,15 @@ def connect(address: str) -> None:
              namespace="serve", runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
 
 
-def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path | None = None,
-           num_cpus: float | None = None, settings: Any = None,
+def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None = None,
+           state_dir: str | Path | None = None, num_cpus: float | None = None,
+           settings: Any = None,
            progress: Callable[[str], None] = lambda _m: None) -> DeployState:
     """Start (or connect to) Ray, start the controller, which deploys the engines and the
-    ingress and keeps them right from then on; record it all; returns the state written."""
+    ingress and keeps them right from then on; record it all; returns the state written.
+
+    The ingress listens on ``port`` itself (orchestrator/listener.py, the recorded ``url``);
+    Ray Serve's HTTP proxy serves the same API on ``serve_port`` (default: a free port)."""
     from ray import serve
 
     from orchestrator.controller import CONTROLLER_NAME, ControllerSettings, start_controller
@@ -256,6 +261,11 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
             raise DeployError(f"a deployment is already recorded at {path} ({old.url}); run "
                               "`lorafleet shutdown` first")
     t0 = time.perf_counter()
+    host = "127.0.0.1" if address is None else "0.0.0.0"
+    spec = spec.with_(listen=(host, port), args={**spec.args, "listen": f"{host}:{port}"})
+    serve_port = serve_port or free_port()
+    if serve_port == port:
+        raise DeployError(f"--serve-port {serve_port} is the ingress's --port; choose another")
     build_application(spec)  # validates everything before Ray starts
     head = None
     if address is None:
@@ -263,7 +273,7 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
         address = head.address
     try:
         connect(address)
-        serve.start(http_options={"host": "127.0.0.1" if head else "0.0.0.0", "port": port})
+        serve.start(http_options={"host": host, "port": serve_port})
         progress(f"starting the controller; it deploys {len(spec.replica_specs())} "
                  f"{spec.engine} replica(s) + the ingress on Ray Serve")
         actor = start_controller(spec, settings or ControllerSettings())
@@ -271,8 +281,11 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
 
         members = ray.get(actor.status.remote())["members"]
         replicas = sorted(m["replica"] for m in members.values())
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", timeout_s=120)
         state = DeployState(
-            address=address, url=f"http://127.0.0.1:{port}", engine=spec.engine,
+            address=address, url=url, serve_url=f"http://127.0.0.1:{serve_port}",
+            engine=spec.engine,
             plan_path=spec.plan_path, app_name=APP_NAME, replicas=replicas,
             deployments={m["replica"]: ep for ep, m in members.items()},
             head=asdict(head) if head else None, controller=CONTROLLER_NAME,
@@ -288,6 +301,24 @@ def deploy(spec: Any, *, address: str | None, port: int, state_dir: str | Path |
             _disconnect()
             head.stop()
         raise
+
+
+def wait_http(url: str, timeout_s: float) -> None:
+    """Until ``GET url`` answers 200; DeployError naming the URL otherwise."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.5)
+    raise DeployError(f"the ingress did not answer at {url} within {timeout_s:g} s ({last})")
 
 
 def deployment_messages(app_name: str) -> str:

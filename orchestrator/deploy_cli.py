@@ -31,7 +31,11 @@ def add_parser(subparsers: Any) -> None:
                    help="allowed folder for local adapter paths (repeatable; default: the "
                    "registry's folder)")
     d.add_argument("--api-keys", default=None, help="API keys YAML (orchestrator/api_keys.py)")
-    d.add_argument("--port", type=int, default=8000, help="HTTP port of the ingress")
+    d.add_argument("--port", type=int, default=8000,
+                   help="HTTP port the ingress listens on itself (the API's URL)")
+    d.add_argument("--serve-port", type=int, default=None,
+                   help="port of Ray Serve's HTTP proxy, which serves the same API with one "
+                   "hop more (default: a free port)")
     d.add_argument("--address", default=None,
                    help="Ray cluster address (`ray up` head); default: start a local head")
     d.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray head")
@@ -108,18 +112,21 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     settings = controller_settings(args)
     with err.status("deploying...") as status:
-        state = deploy(spec, address=args.address, port=args.port, state_dir=args.state_dir,
+        state = deploy(spec, address=args.address, port=args.port, serve_port=args.serve_port,
+                       state_dir=args.state_dir,
                        num_cpus=args.num_cpus, settings=settings,
                        progress=lambda m: status.update(m))
     elapsed = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"url": state.url, "address": state.address, "engine": state.engine,
+        print(json.dumps({"url": state.url, "serve_url": state.serve_url,
+                          "address": state.address, "engine": state.engine,
                           "replicas": state.replicas, "ready_s": elapsed}))
         return 0
     console.print(Text(
         f"deployed {spec.plan.workload.name}: {len(state.replicas)} {state.engine} replica(s) "
         f"({', '.join(state.replicas)}) in {elapsed:.1f} s\n"
-        f"  OpenAI API  {state.url}/v1  (model = adapter id or {spec.base_model_name!r})\n"
+        f"  OpenAI API  {state.url}/v1  (model = adapter id or {spec.base_model_name!r}; "
+        f"also through Ray Serve's proxy at {state.serve_url}/v1)\n"
         f"  Ray         {state.address}\n"
         "  controller  re-plans from live telemetry (lorafleet status shows it; "
         "lorafleet whatif asks it)\n"

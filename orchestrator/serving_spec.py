@@ -11,7 +11,8 @@ YAML; default the model directory's ``adapters.yaml``), ``adapter_roots`` (allow
 local adapter paths; default the registry's folder), ``api_keys`` (a keys mapping, hashed, see
 orchestrator/api_keys.py), ``base_model_name`` (default: the plan profile's model),
 ``max_model_len``, ``replica_cpus``, ``replica_gpus``, ``ingress_replicas``, ``timeout_s``,
-``sim_time_scale``, ``omp_threads``, ``kv_cache_gib``.
+``sim_time_scale``, ``omp_threads``, ``kv_cache_gib``, ``listen`` (``HOST:PORT``: the ingress
+serves HTTP itself there, orchestrator/listener.py; default only through Serve's proxy).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from orchestrator.adapter_registry import AdapterRegistry, RegistryError
 from orchestrator.api_keys import ApiKeys
 from orchestrator.engine_backend import ENGINE_KINDS
+from orchestrator.listener import ListenError, parse_listen
 from orchestrator.replica import ReplicaSpec
 from orchestrator.routing import RoutingTable
 from placement.plan import Plan
@@ -32,7 +34,7 @@ from placement.plan import Plan
 _KEYS = {
     "plan_path", "engine", "model", "adapter_registry", "adapter_roots", "api_keys",
     "base_model_name", "max_model_len", "replica_cpus", "replica_gpus", "ingress_replicas",
-    "timeout_s", "sim_time_scale", "omp_threads", "kv_cache_gib",
+    "timeout_s", "sim_time_scale", "omp_threads", "kv_cache_gib", "listen",
 }
 
 
@@ -57,6 +59,7 @@ class ServingSpec:
     sim_time_scale: float = 1.0
     omp_threads: int = 1
     kv_cache_gib: float = 1.0
+    listen: tuple[str, int] | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -118,6 +121,7 @@ class ServingSpec:
             sim_time_scale=float(args.get("sim_time_scale", 1.0)),
             omp_threads=int(args.get("omp_threads", 1)),
             kv_cache_gib=float(args.get("kv_cache_gib", 1.0)),
+            listen=_listen(args.get("listen")),
             args=dict(args),
         )
         if spec.base_model_name in ranks:
@@ -169,6 +173,15 @@ class ServingSpec:
                     sim_time_scale=self.sim_time_scale,
                 ))
         return out
+
+
+def _listen(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_listen(value)
+    except ListenError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def _opt_int(args: Mapping[str, Any], key: str) -> int | None:

@@ -18,6 +18,7 @@ from orchestrator.adapter_registry import AdapterRegistry, RegistryError
 from orchestrator.api_keys import ApiKeys
 from orchestrator.engine_backend import GenerateRequest, UnknownModel
 from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER, IngressCore, build_api
+from orchestrator.listener import Listener, ListenError, bind, parse_listen
 from orchestrator.replica import LocalClient, ReplicaCore
 from orchestrator.routing import ReplicaId, RoutingTable
 from orchestrator.serving_spec import ServingSpec, SpecError
@@ -365,6 +366,65 @@ def test_serving_spec_errors(tmp_path: Path) -> None:
         ServingSpec.from_args({"plan_path": str(path), "engine": "tpu"})
     with pytest.raises(SpecError, match="unknown argument"):
         ServingSpec.from_args({"plan_path": str(path), "colour": 1})
+    for bad in ("127.0.0.1:0", "host:http", "70000", ""):
+        with pytest.raises(SpecError, match="listen: expected HOST:PORT"):
+            ServingSpec.from_args({"plan_path": str(path), "engine": "sim", "listen": bad})
+    spec = ServingSpec.from_args({"plan_path": str(path), "engine": "sim", "listen": 8123})
+    assert spec.listen == ("127.0.0.1", 8123)
+    assert parse_listen("0.0.0.0:9000") == ("0.0.0.0", 9000)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+
+
+def test_listener_serves_the_api_on_a_shared_port_and_stops(tmp_path: Path) -> None:
+    """Two ingress listeners share one port (SO_REUSEPORT); a port another program holds is an
+    error naming it; a stopped listener frees the port."""
+    import socket
+
+    from orchestrator.deploy import free_port
+
+    plan = synthetic_plan([GroupShape("g", [("a", 8), ("b", 16)])])
+    plan.to_yaml(tmp_path / "p.yaml")
+    spec = ServingSpec.from_args({"plan_path": str(tmp_path / "p.yaml"), "engine": "sim",
+                                  "sim_time_scale": 20.0})
+    port = free_port()
+
+    async def run() -> None:
+        cores = {r.replica_id: ReplicaCore(r) for r in spec.replica_specs()}
+        for c in cores.values():
+            await c.start()
+        core = IngressCore(spec.routing_table(), {k: LocalClient(v) for k, v in cores.items()},
+                           engine="sim")
+        one = Listener.start(build_api(core), "127.0.0.1", port)
+        two = Listener.start(build_api(core), "127.0.0.1", port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(20):  # a server is up once it answers
+                try:
+                    await c.get("/health")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.05)
+            for model in ("a", "b", "a"):
+                r = await c.post("/v1/completions",
+                                 json={"model": model, "prompt": [1, 2, 3], "max_tokens": 2})
+                assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "g/0"
+            r = await c.post("/v1/completions", json={"model": "zz", "prompt": "x"})
+            assert r.status_code == 404 and "zz" in r.text
+        await one.stop()
+        await two.stop()
+        for c in cores.values():
+            await c.stop()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+    asyncio.run(run())
+    held = socket.socket()
+    held.bind(("127.0.0.1", port))
+    held.listen()
+    try:
+        with pytest.raises(ListenError, match=f"cannot bind 127.0.0.1:{port}"):
+            bind("127.0.0.1", port)
+    finally:
+        held.close()
 
 
 def test_kuberay_builder_builds_the_application(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ N_ADAPTERS = 240
 def sim_app(ray_cluster, tmp_path_factory):
     from ray import serve
 
+    from orchestrator.deploy import free_port
     from orchestrator.serve_app import run_application
     from orchestrator.serving_spec import ServingSpec
 
@@ -36,14 +37,17 @@ def sim_app(ray_cluster, tmp_path_factory):
     ])
     path = tmp_path_factory.mktemp("sim") / "plan.yaml"
     plan.to_yaml(path)
-    spec = ServingSpec.from_args({"plan_path": str(path), "engine": "sim"})
+    listen = f"127.0.0.1:{free_port()}"
+    spec = ServingSpec.from_args({"plan_path": str(path), "engine": "sim", "listen": listen})
     run_application(spec)
-    yield plan, path, ray_cluster.url
+    yield plan, path, f"http://{listen}"  # the ingress's own listener; ray_cluster.url: Serve's
     serve.delete("lorafleet")
 
 
-def test_sim_every_adapter_lands_on_its_planned_group(sim_app) -> None:
+@pytest.mark.parametrize("via", ["listener", "serve_proxy"])
+def test_sim_every_adapter_lands_on_its_planned_group(sim_app, ray_cluster, via: str) -> None:
     plan, _, url = sim_app
+    url = url if via == "listener" else ray_cluster.url
     assert len(plan.routing) == N_ADAPTERS
 
     async def run() -> list[tuple[str, int, str, str]]:
@@ -121,12 +125,15 @@ def test_deploy_status_shutdown_cli_leaves_no_process(tmp_path: Path) -> None:
     head_pid = json.loads((tmp_path / "state" / "deploy.json").read_text())["head"]["pid"]
     try:
         assert deployed["replicas"] == ["a/0", "b/0", "b/1"]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                       json={"model": "y-1", "prompt": "hi", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 200 and r.headers[REPLICA_HEADER].startswith("b/")
+        assert deployed["url"] == f"http://127.0.0.1:{port}"
+        assert deployed["serve_url"] != deployed["url"]
+        for url in (deployed["url"], deployed["serve_url"]):  # own listener, Serve's proxy
+            r = httpx.post(f"{url}/v1/completions",
+                           json={"model": "y-1", "prompt": "hi", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER].startswith("b/")
         status = run("status")
         assert {row["replica"] for row in status["rows"]} == {"a/0", "b/0", "b/1"}
-        assert sum(row["requests"] for row in status["rows"]) == 1
+        assert sum(row["requests"] for row in status["rows"]) == 2
         assert status["controller"]["replanning"].startswith("re-planning is off")
         refused = subprocess.run([*cli, "whatif", "--rate-scale", "2", *state],
                                  capture_output=True, text=True, env=env, timeout=300,

@@ -27,6 +27,7 @@ GROUPS = {"group-a": [("adapter-0000", 8), ("adapter-0001", 16)],
 def vllm_app(ray_cluster, tmp_path_factory):
     from ray import serve
 
+    from orchestrator.deploy import free_port
     from orchestrator.serve_app import run_application
     from orchestrator.serving_spec import ServingSpec
     from orchestrator.tiny_model import build_tiny_model
@@ -39,15 +40,19 @@ def vllm_app(ray_cluster, tmp_path_factory):
         {"key": "sk-all", "tenant": "ops", "adapters": ["*"], "base_model": True},
         {"key": "sk-t1", "tenant": "t1", "adapters": ["adapter-0000"]},
     ]}
+    listen = f"127.0.0.1:{free_port()}"
     spec = ServingSpec.from_args({"plan_path": str(root / "plan.yaml"), "engine": "vllm",
-                                  "model": str(root / "tiny"), "api_keys": keys})
+                                  "model": str(root / "tiny"), "api_keys": keys,
+                                  "listen": listen})
     run_application(spec)
-    yield plan, ray_cluster.url
+    yield plan, f"http://{listen}"  # the ingress's own listener; ray_cluster.url: Serve's proxy
     serve.delete("lorafleet")
 
 
-def test_vllm_requests_land_on_the_planned_replica(vllm_app) -> None:
+@pytest.mark.parametrize("via", ["listener", "serve_proxy"])
+def test_vllm_requests_land_on_the_planned_replica(vllm_app, ray_cluster, via: str) -> None:
     plan, url = vllm_app
+    url = url if via == "listener" else ray_cluster.url
     for group, adapters in GROUPS.items():
         for adapter, _ in adapters:
             for _ in range(2):
@@ -63,8 +68,10 @@ def test_vllm_requests_land_on_the_planned_replica(vllm_app) -> None:
     assert base.status_code == 200 and base.headers[REPLICA_HEADER].split("/")[0] in GROUPS
 
 
-def test_vllm_streaming_yields_chunks_and_done(vllm_app) -> None:
+@pytest.mark.parametrize("via", ["listener", "serve_proxy"])
+def test_vllm_streaming_yields_chunks_and_done(vllm_app, ray_cluster, via: str) -> None:
     _, url = vllm_app
+    url = url if via == "listener" else ray_cluster.url
     with httpx.stream("POST", f"{url}/v1/completions", headers=ALL, timeout=120, json={
             "model": "adapter-0003", "prompt": "stream me", "max_tokens": 6, "stream": True,
             "ignore_eos": True}) as r:
