@@ -4,8 +4,8 @@
 (``ray start --head --block`` on free ports, ``RAY_AUTH_MODE=disabled``, its own temp dir, in its
 own session), connect, ``serve.run`` the application, write a state file
 (``.lorafleet/deploy.json`` in the current directory, or ``$LORAFLEET_STATE_DIR/deploy.json``)
-with the head's PID, ports, address, the Serve URL and the replicas. With ``--address`` (a
-``ray up`` cluster) it only connects and deploys.
+with the head's PID, ports, address, the ingress and Serve proxy URLs and the replicas. With
+``--address`` (a ``ray up`` cluster) it only connects and deploys.
 
 ``status`` reads the state file, connects and asks every engine replica for its telemetry.
 ``shutdown`` deletes the Serve application and, if deploy started the head, stops exactly that
