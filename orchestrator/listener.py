@@ -4,10 +4,9 @@ Through Ray Serve's HTTP proxy a request crosses two processes before it is rout
 proxy actor -> ingress replica, over a Serve handle); that path measured +9.5-10.6 ms p50 over
 a direct handle call on the 2-core machines (docs/serving.md). The ingress replica can instead
 serve the same FastAPI app itself on a fixed port: one uvicorn server on the replica's event
-loop, bound with
-``SO_REUSEPORT`` so every ingress replica on a node shares the port and the kernel spreads
-connections over them. Serve still runs, scales and restarts the replicas; its proxy keeps
-serving the same API on its own port.
+loop, bound with ``SO_REUSEPORT`` so every ingress replica on a node shares the port and the
+kernel spreads connections over them. Serve still runs, scales and restarts the replicas; its
+proxy keeps serving the same API on its own port.
 """
 
 from __future__ import annotations
