@@ -281,10 +281,12 @@ def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None 
 
         members = ray.get(actor.status.remote())["members"]
         replicas = sorted(m["replica"] for m in members.values())
-        url = f"http://127.0.0.1:{port}"
+        where = "127.0.0.1" if head else head_host(address)
+        where = f"[{where}]" if ":" in where else where  # IPv6 in a URL
+        url = f"http://{where}:{port}"
         wait_http(f"{url}/health", timeout_s=120)
         state = DeployState(
-            address=address, url=url, serve_url=f"http://127.0.0.1:{serve_port}",
+            address=address, url=url, serve_url=f"http://{where}:{serve_port}",
             engine=spec.engine,
             plan_path=spec.plan_path, app_name=APP_NAME, replicas=replicas,
             deployments={m["replica"]: ep for ep, m in members.items()},
@@ -301,6 +303,15 @@ def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None 
             _disconnect()
             head.stop()
         raise
+
+
+def head_host(address: str) -> str:
+    """The head's host in a Ray address (``HOST:6379``, ``ray://HOST:10001``): where a
+    listening ingress runs (it is placed on the head node)."""
+    if address in ("auto", "local"):  # a cluster already running on this machine
+        return "127.0.0.1"
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host or "127.0.0.1"
 
 
 def wait_http(url: str, timeout_s: float) -> None:

@@ -375,6 +375,15 @@ def test_serving_spec_errors(tmp_path: Path) -> None:
     assert parse_listen("[::1]:9000") == ("::1", 9000)
 
 
+def test_deploy_records_the_head_host_of_a_cluster_address() -> None:
+    from orchestrator.deploy import head_host
+
+    assert head_host("10.0.0.5:6379") == "10.0.0.5"
+    assert head_host("ray://head.example:10001") == "head.example"
+    assert head_host("ray://[fd00::1]:10001") == "fd00::1"
+    assert head_host("auto") == "127.0.0.1"
+
+
 def test_listener_serves_the_api_on_a_shared_port_and_stops(tmp_path: Path) -> None:
     """Two ingress listeners share one port (SO_REUSEPORT); a port another program holds is an
     error naming it; a stopped listener frees the port."""
