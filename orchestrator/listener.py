@@ -60,7 +60,6 @@ class Listener:
 
     server: Any
     task: asyncio.Task
-    address: tuple[str, int]
 
     @classmethod
     def start(cls, app: Any, host: str, port: int) -> Listener:
@@ -71,7 +70,7 @@ class Listener:
                                 timeout_keep_alive=75)
         server = uvicorn.Server(config)
         task = asyncio.get_event_loop().create_task(server.serve(sockets=[sock]))
-        return cls(server, task, (host, port))
+        return cls(server, task)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``timeout_s``)."""

@@ -165,8 +165,7 @@ class HandleClient:
         return await self._report.remote()
 
 
-@serve.deployment(max_ongoing_requests=MAX_ONGOING,
-                  ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": INGRESS_ENV}})
+@serve.deployment(max_ongoing_requests=MAX_ONGOING)  # actor options: ingress_options()
 @serve.ingress()
 class IngressDeployment:
     """The HTTP ingress: routing table + handles; the FastAPI app is built per replica.
