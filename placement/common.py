@@ -184,6 +184,34 @@ def lpt_assign(sizes: Sequence[float] | np.ndarray, k: int,
     return out
 
 
+def lpt_assign_counted(sizes: Sequence[float] | np.ndarray, k: int, size_cap: float,
+                       count_cap: float) -> np.ndarray:
+    """Bin (0..k-1) of each item: largest first, each to the least *filled* bin, its fill the
+    larger of its load / ``size_cap`` and its item count / ``count_cap``.
+
+    A replica is limited by the tokens it serves and by the adapters sharing its LoRA slots: a
+    hot adapter alone can fill half a replica's tokens while a hundred cold ones fill its slots
+    with few tokens. Plain LPT balances tokens only, so it piles every cold adapter into the bin
+    the hot ones left lightest; this balances both (vector LPT, O(n log k)).
+    """
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if not (size_cap > 0 and count_cap > 0):
+        raise ValueError("lpt_assign_counted: size_cap and count_cap must be > 0")
+    order = np.argsort(-sizes, kind="stable")
+    assigned = np.empty(len(sizes), dtype=np.int64)
+    heap = [(0.0, 0.0, b) for b in range(k)]  # (fill, load, bin): ties to the lighter bin
+    loads = [0.0] * k
+    counts = [0] * k
+    for pos, size in zip(order.tolist(), sizes[order].tolist(), strict=True):
+        _, _, b = heap[0]
+        assigned[pos] = b
+        loads[b] += size
+        counts[b] += 1
+        fill = max(loads[b] / size_cap, counts[b] / count_cap)
+        heapq.heapreplace(heap, (fill, loads[b], b))
+    return assigned
+
+
 def specs_feasible(
     specs: Sequence[ReplicaSpec], index: WorkloadIndex, ctx: PlacementContext
 ) -> list[bool]:

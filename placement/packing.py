@@ -10,9 +10,11 @@ Steps (docs/placement.md#packing), each a few batched predictor calls:
 2. Rank-aware packing, highest slot rank first. Each rank class is packed on its own replicas
    (so one rank-64 adapter never turns a replica of rank-8 adapters into a rank-64 one) by a
    binary search on the replica count k, starting at the lower bound: the class's items (largest
-   first) go to the lightest of k bins (LPT), and k is feasible when every bin has a feasible
-   max_loras (batched predictor calls over the bins not judged before, stopping at the first
-   infeasible one). Before a lower class opens its own replicas, it fills the spare capacity
+   first) go to the least filled of k bins, its fill the larger of its tokens / the class's
+   single-replica capacity and its adapters / the adapters one replica holds (both from the
+   lower bound), or, if that dealing fails, to the lightest bin by tokens alone (LPT); k is
+   feasible when every bin has a feasible max_loras (batched predictor calls over the bins not
+   judged before, stopping at the first infeasible one). Before a lower class opens its own replicas, it fills the spare capacity
    (headroom) the higher-rank replicas already have: the only mixing of ranks, and only where
    it saves capacity that would be wasted.
 3. The same packing with every adapter in one class (at the largest rank) is also tried; the
@@ -45,6 +47,7 @@ from placement.common import (
     build_plan,
     check_servable,
     lpt_assign,
+    lpt_assign_counted,
     smallest_feasible,
 )
 from placement.lower_bound import LowerBound, compute_lower_bound
@@ -267,7 +270,9 @@ class _Packer:
         def hopeless(lo: int) -> bool:
             return fewer_than is not None and exact_count and lo >= fewer_than
 
-        cap = self.bound.capacity_for(int(self.items.rank[pool].max())) or 0.0
+        cls = self.bound.class_for(int(self.items.rank[pool].max()))
+        cap = cls.capacity_tps if cls is not None else 0.0
+        per_replica = cls.adapters_per_replica if cls is not None else 0
         hi = len(pool)
         # start below the class's bound: its capacity is for the class's mix, and a pool of
         # hotter adapters (fewer per replica) can beat it
@@ -275,13 +280,25 @@ class _Packer:
         items = pool.tolist()
         tried: dict[int, tuple[bool, list[list[int]]]] = {}  # k -> (feasible, bins' items)
 
+        def grouped(assignment: np.ndarray) -> list[list[int]]:
+            groups: list[list[int]] = [[] for _ in range(int(assignment.max()) + 1)]
+            for item, b in zip(items, assignment.tolist(), strict=True):
+                groups[b].append(item)
+            return [g for g in groups if g]
+
         def probe(k: int) -> bool:
+            # two balanced dealings of the pool into k bins: by tokens and adapters together
+            # (a replica holds at most about the class bound's m_R adapters of its mix), then
+            # by tokens alone; k is feasible if either has every bin feasible
             if k not in tried:
-                groups: list[list[int]] = [[] for _ in range(k)]
-                for item, b in zip(items, lpt_assign(sizes, k).tolist(), strict=True):
-                    groups[b].append(item)
-                groups = [g for g in groups if g]
-                tried[k] = (self.all_feasible(groups), groups)
+                groups = []
+                if cap > 0 and per_replica > 0:
+                    groups = grouped(lpt_assign_counted(sizes, k, cap, per_replica))
+                    tried[k] = (self.all_feasible(groups), groups)
+                if not tried.get(k, (False,))[0]:
+                    plain = grouped(lpt_assign(sizes, k))
+                    if plain != groups:
+                        tried[k] = (self.all_feasible(plain), plain)
             return tried[k][0]
 
         k = smallest_feasible(probe, lo, hi, lambda k: max(k + 1, int(k * 1.25) + 1),

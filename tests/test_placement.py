@@ -20,9 +20,9 @@ import pytest
 
 from orchestrator.cli import main
 from placement.analytic import AnalyticPredictor
-from placement.common import WorkloadIndex, lpt_assign
+from placement.common import WorkloadIndex, lpt_assign, lpt_assign_counted
 from placement.errors import PlacementError
-from placement.lower_bound import compute_lower_bound
+from placement.lower_bound import compute_lower_bound, nested_cover
 from placement.packing import _pack, _replicas
 from placement.plan import Plan
 from placement.planner import compare, make_plan, prepare
@@ -171,6 +171,60 @@ def test_lower_bound_adds_rank_classes(llama):
     bound = compute_lower_bound(w, ctx_for(llama, rank_cost))
     assert bound.replicas == 3
     assert {c.max_lora_rank for c in bound.classes} == {8, 64}
+
+
+def test_lower_bound_tries_every_max_loras_the_optimum_may_choose(llama):
+    # only 6 slots serve well, and only with 10 adapters or more: one replica of all 40 does
+    # (6 is on the optimum's grid, not a power of two; the bound must see what a plan can use)
+    odd = CapacityPredictor(lambda r, g, n: 1000.0 if g == 6 and n >= 10 else 100.0)
+    w = workload([(f"a{i:02d}", 8, 0.1) for i in range(40)])  # 800 tok/s
+    ctx = ctx_for(llama, odd)
+    plan = make_plan(w, ctx)
+    assert plan.replicas == 1 and plan.groups[0].engine.max_loras == 6
+    assert compute_lower_bound(w, ctx).replicas == 1
+
+
+def test_nested_cover_keeps_high_rank_replicas_high_rank():
+    # 100 rank-64 adapters at 65 per replica, 400 rank-8 at 164: the sum 1.54 + 2.44 rounds
+    # to 4, but 2 rank-64 replicas leave room for only 30 rank-8 adapters: 2 + 3
+    assert nested_cover([(64, 100, 65.0), (8, 400, 164.0)]) == 5
+    # a surplus of roomy high-rank replicas can spare lower ones (slack)
+    assert nested_cover([(64, 10, 100.0), (8, 200, 50.0)]) == 3
+    assert nested_cover([(8, 10, math.inf)]) == 1  # no limit found: still one replica
+    assert nested_cover([(8, 0, 10.0)]) == 0
+
+
+def test_lower_bound_counts_adapters_per_replica_by_slot_rank(llama):
+    # a replica holds at most 5 adapters at rank 64 and 20 at rank 8 (slots): 7 rank-64
+    # adapters need 2 rank-64 replicas, which hold 3 of the 30 rank-8 ones; 27 need 2 more
+    slots = CapacityPredictor(lambda r, g, n: 1e6 if n <= (5 if r >= 64 else 20) else 0.0)
+    w = workload([(f"h{i}", 64, 0.01) for i in range(7)] + [(f"l{i:02d}", 8, 0.01)
+                                                             for i in range(30)])
+    ctx = ctx_for(llama, slots)
+    bound = compute_lower_bound(w, ctx)
+    assert bound.fractional < 3  # 7/6 + 30/21: the fractional sum alone says 3
+    assert bound.replicas == 4
+    assert make_plan(w, ctx).replicas == 4
+
+
+def test_counted_lpt_spreads_cold_items_over_the_hot_bins():
+    # two hot items and 60 cold ones in 3 bins: plain LPT piles every cold item into the third
+    # bin; counting items too (20 per bin at most is what fits) spreads them
+    sizes = np.array([100.0, 100.0] + [1.0] * 60)
+    plain = np.bincount(lpt_assign(sizes, 3), minlength=3)
+    assert plain.max() == 60
+    counted = lpt_assign_counted(sizes, 3, size_cap=200.0, count_cap=40.0)
+    assert counted[0] != counted[1]  # the hot items apart, as with plain LPT
+
+    def worst_fill(bins: np.ndarray) -> float:
+        load = np.bincount(bins, weights=sizes, minlength=3) / 200.0
+        return float(np.maximum(load, np.bincount(bins, minlength=3) / 40.0).max())
+
+    assert worst_fill(lpt_assign(sizes, 3)) == 1.5  # 60 cold items where 40 fit
+    # each hot bin takes cold items until its tokens match the third bin's count: 19 / 19 / 24
+    assert worst_fill(counted) <= 0.61
+    with pytest.raises(ValueError, match="size_cap and count_cap"):
+        lpt_assign_counted(sizes, 3, size_cap=0.0, count_cap=40.0)
 
 
 # ----------------------------------------------------------------------------- packing
