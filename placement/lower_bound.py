@@ -38,10 +38,11 @@ replica reaches on that mix, computed with the same predictor and feasibility ru
 Every slice is judged at every max_loras the per-replica optimum may choose: a coarser grid
 assumed the predictor smooth in max_loras, which the surrogate is not (plans beat that bound).
 
-LB = max(ceil(sum_R k_R), nested cover), at least 1. It is exact when the predictor's capacity depends only on the
-load (tests/test_placement.py builds such cases) and a bound for plans whose replicas look like
-the workload's mix or its hot/cold halves; a plan of very unlike replicas could in principle beat
-it, and the benchmark reports replicas / LB so that would show. Cost: about 25 predictor calls.
+LB = max(ceil(sum_R k_R), nested cover), at least 1. It is exact when the predictor's
+capacity depends only on the load (tests/test_placement.py builds such cases) and a bound for
+plans whose replicas look like the workload's mix or its hot/cold halves; a plan of very unlike
+replicas could in principle beat it, and the benchmark reports replicas / LB so that would show.
+Cost: about 25 predictor calls.
 """
 
 from __future__ import annotations

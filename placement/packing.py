@@ -10,13 +10,13 @@ Steps (docs/placement.md#packing), each a few batched predictor calls:
 2. Rank-aware packing, highest slot rank first. Each rank class is packed on its own replicas
    (so one rank-64 adapter never turns a replica of rank-8 adapters into a rank-64 one) by a
    binary search on the replica count k, starting at the lower bound: the class's items (largest
-   first) go to the least filled of k bins, its fill the larger of its tokens / the class's
-   single-replica capacity and its adapters / the adapters one replica holds (both from the
-   lower bound), or, if that dealing fails, to the lightest bin by tokens alone (LPT); k is
+   first) go to the lightest of k bins by tokens (LPT) or, if that dealing has an infeasible
+   bin, to the least filled, its fill the larger of its tokens / the class's single-replica
+   capacity and its adapters / the adapters one replica holds (both from the lower bound); k is
    feasible when every bin has a feasible max_loras (batched predictor calls over the bins not
-   judged before, stopping at the first infeasible one). Before a lower class opens its own replicas, it fills the spare capacity
-   (headroom) the higher-rank replicas already have: the only mixing of ranks, and only where
-   it saves capacity that would be wasted.
+   judged before, stopping at the first infeasible one). Before a lower class opens its own
+   replicas, it fills the spare capacity (headroom) the higher-rank replicas already have: the
+   only mixing of ranks, and only where it saves capacity that would be wasted.
 3. The same packing with every adapter in one class (at the largest rank) is also tried; the
    plan with fewer replicas wins (ties: the rank-aware one). Its search stops as soon as it
    cannot end with fewer.
@@ -287,18 +287,16 @@ class _Packer:
             return [g for g in groups if g]
 
         def probe(k: int) -> bool:
-            # two balanced dealings of the pool into k bins: by tokens and adapters together
-            # (a replica holds at most about the class bound's m_R adapters of its mix), then
-            # by tokens alone; k is feasible if either has every bin feasible
+            # two balanced dealings of the pool into k bins: by tokens alone (LPT), then by
+            # tokens and adapters together (a replica holds at most about the class bound's
+            # m_R adapters of its mix); k is feasible if either has every bin feasible
             if k not in tried:
-                groups = []
-                if cap > 0 and per_replica > 0:
-                    groups = grouped(lpt_assign_counted(sizes, k, cap, per_replica))
-                    tried[k] = (self.all_feasible(groups), groups)
-                if not tried.get(k, (False,))[0]:
-                    plain = grouped(lpt_assign(sizes, k))
-                    if plain != groups:
-                        tried[k] = (self.all_feasible(plain), plain)
+                plain = grouped(lpt_assign(sizes, k))
+                tried[k] = (self.all_feasible(plain), plain)
+                if not tried[k][0] and cap > 0 and per_replica > 0:
+                    counted = grouped(lpt_assign_counted(sizes, k, cap, per_replica))
+                    if counted != plain:
+                        tried[k] = (self.all_feasible(counted), counted)
             return tried[k][0]
 
         k = smallest_feasible(probe, lo, hi, lambda k: max(k + 1, int(k * 1.25) + 1),
