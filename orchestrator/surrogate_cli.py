@@ -24,9 +24,9 @@ def add_parser(subparsers: Any) -> None:
     t = sub.add_parser("train", help="run the twin over the designed space and fit the models")
     t.add_argument("--profile", required=True, help="profile name or YAML path")
     t.add_argument("--samples", type=int, default=2000, help="twin runs (default 2000)")
-    t.add_argument("--capped-samples", type=int, default=2000,
+    t.add_argument("--capped-samples", type=int, default=4000,
                    help="twin runs of the capped design: overloaded replicas behind a client "
-                   "with an in-flight cap (default 2000; those --data lacks are run and added)")
+                   "with an in-flight cap (default 4000; those --data lacks are run and added)")
     t.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of the design and the split")
     t.add_argument("--out", default=None,

@@ -688,7 +688,7 @@ def train_surrogate(
     profile_ref: str,
     *,
     samples: int = 2000,
-    capped_samples: int = 2000,
+    capped_samples: int = 4000,
     workers: int = 2,
     seed: int = 0,
     out: str | Path | None = None,
