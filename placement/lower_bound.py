@@ -154,8 +154,8 @@ def compute_lower_bound(
         seg = segments[opts[0][1]]
         out.append(ClassBound(R, len(seg.order), seg.offered, whole.largest, whole.capacity,
                               best_k, best_t))
-        # the most adapters / tokens per second one replica of this slot rank takes on any of
-        # the class's mixes (whole, hot parts, cold parts), for the nested covering below
+        # the most adapters one replica of this slot rank takes on any of the class's mixes
+        # (whole, hot parts, cold parts), for the nested cover below
         per_replica[R] = _most_per_replica(
             [(bounds[i].first_infeasible, len(segments[i].order))
              for o in opts for i in o[1:] if i is not None]
