@@ -7,7 +7,7 @@ adapters (Zipf) and compressed 50x in time, with its own lengths. Prints one JSO
 workload: the `lorafleet plan --compare --json` object plus `workload`, `n_adapters`,
 `predictor`, `lower_bound_wall_s` and, per policy, `replicas_over_bound`.
 
-    python benchmarks/placement_suite.py [--predictor analytic|surrogate|twin] [--no-verify]
+    python benchmarks/placement_suite.py [--predictor surrogate|analytic|twin] [--no-verify]
         [--sizes 100,500,1000,5000] [--shapes uniform,zipf,few_hot,azure] [--profile NAME]
         [--verify-duration S] [--seed K]
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from placement.errors import PlacementError  # noqa: E402
 from placement.planner import compare  # noqa: E402
 from placement.policy import PlacementContext  # noqa: E402
-from placement.predictors import PREDICTORS, make_predictor  # noqa: E402
+from placement.predictors import DEFAULT_PREDICTOR, PREDICTORS, make_predictor  # noqa: E402
 from twin.azure_trace import read_azure_trace  # noqa: E402
 from twin.profile import load_profile  # noqa: E402
 from twin.workload import (  # noqa: E402
@@ -80,7 +80,8 @@ def workloads(sizes: list[int], shapes: list[str], seed: int) -> list[Workload]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="llama-3.1-8b-instruct")
-    ap.add_argument("--predictor", choices=PREDICTORS, default="analytic")
+    ap.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
+                    help="the predictor plans are made with (default: `lorafleet plan`'s)")
     ap.add_argument("--no-verify", action="store_true", help="skip the twin verification runs")
     ap.add_argument("--sizes", default="100,500,1000,5000")
     ap.add_argument("--shapes", default="uniform,zipf,few_hot,azure")

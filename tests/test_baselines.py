@@ -276,6 +276,73 @@ def test_dlora_replicates_the_hottest_adapter_onto_spare_capacity(llama, hot, ex
     assert max(loads) - min(loads) <= 0.05 * sum(loads)  # dispatch balanced the two
 
 
+@dataclass(frozen=True)
+class PoisonPredictor:
+    """``flat(1000)``, except that a replica holding adapter "poison" (with another adapter,
+    if ``shared``) is starved at any load: one the predictor finds infeasible whatever is done
+    (headroom 0)."""
+
+    shared: bool = False
+    name: str = "poison"
+
+    def predict(self, loads, configs):
+        out = flat(1000.0).predict(loads, configs)
+        for load, pred in zip(loads, out, strict=True):
+            if "poison" in load.adapter_ids and (not self.shared or load.n_adapters > 1):
+                pred["starved"] = True
+        return out
+
+
+def test_dlora_replicates_a_hot_adapter_while_another_replica_stays_infeasible(llama):
+    # a replica stuck at headroom 0 must not block every copy: the minimum headroom cannot
+    # rise, but the hot adapter's replica (1,500 tok/s on 1,000) can, by a copy
+    from placement.baselines.dlora import ROUND_TOLERANCE, replicate
+    from placement.common import WorkloadIndex
+
+    # dealt hottest first onto the emptiest replica: {hot, c3}, {poison, c2}, {c0, c1}
+    w = workload([("hot", 8, 1_500.0), ("poison", 8, 60.0)]
+                 + [(f"c{i}", 8, 50.0) for i in range(4)])
+    ctx = ctx_for(llama, PoisonPredictor(), headroom_tolerance=ROUND_TOLERANCE)
+    index = WorkloadIndex(w)
+    pl = replicate(index, ctx, 3)
+    hot, poison = index.ids.index("hot"), index.ids.index("poison")
+    assert set(pl.replica[pl.adapter == hot].tolist()).isdisjoint(
+        pl.replica[pl.adapter == poison].tolist())
+    assert int((pl.adapter == hot).sum()) >= 2
+
+
+def test_dlora_keeps_a_round_by_leximin_headroom():
+    from placement.baselines.dlora import leximin_better
+
+    inf = math.inf
+    assert leximin_better(np.array([0.0, 0.9, 2.0]), np.array([0.0, 0.5, 2.0]))
+    assert leximin_better(np.array([1.2, 1.1]), np.array([1.0, 3.0]))  # the minimum rose
+    assert not leximin_better(np.array([0.9, 3.0]), np.array([1.0, 1.1]))  # the minimum fell
+    assert not leximin_better(np.array([1.0, 1.0005]), np.array([1.0, 1.0]))  # within 0.2 %
+    assert not leximin_better(np.array([0.0, inf]), np.array([0.0, inf]))
+    assert leximin_better(np.array([0.5, inf]), np.array([0.5, 2.0]))  # an emptied replica
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "dlora"])
+def test_count_search_stops_at_a_multiple_of_the_bound(llama, policy):
+    # no count up to 8 x the bound is feasible (60 adapters on <= 8 replicas: "poison" always
+    # shares one, which starves): the plan is reported there with its starved replica, rather
+    # than searched on to one replica per adapter
+    from dataclasses import replace
+
+    from placement.baselines._shared import MAX_OVER_BOUND
+    from placement.lower_bound import LowerBound
+
+    w = workload([("poison", 8, 10.0)] + [(f"c{i}", 8, 100.0) for i in range(59)])
+    ctx = replace(ctx_for(llama, PoisonPredictor(shared=True)),
+                  lower_bound=LowerBound(replicas=1, fractional=0.6, offered_tps=5_910.0,
+                                         classes=()))
+    plan = get_policy(policy).place(w, ctx)
+    check_complete(plan, w)
+    assert plan.replicas == MAX_OVER_BOUND
+    assert plan.starved_replicas("predicted") >= 1
+
+
 # ----------------------------------------------------------------------------- agullo_greedy
 
 

@@ -30,10 +30,15 @@ minimum over adapters is the minimum replica headroom. For N replicas:
 4. **Dispatch.** Routing weights are rebalanced towards equal utilisation (offered / c) across
    each adapter's replicas (multiplicative updates: the fluid limit of least-loaded dispatch);
    weights below 1e-4 are dropped.
-5. The round is kept if the minimum headroom rose by at least 1 %; otherwise only the first
-   copy is tried, then no copy (the dispatch rebalanced on the freshly measured capacities,
-   which move as mixes change); if nothing helps the previous round stands and the search stops
-   (dLoRA's accept-if-not-worse rule, with a tolerance so it terminates).
+5. The round is kept if it raises the headroom vector in leximin order: the sorted headrooms
+   compared from the lowest, the first one that moves by more than 0.2 % must rise. That is
+   dLoRA's "keep a copy if the minimum burst tolerance does not drop" with a tolerance so it
+   terminates, and it lets a hot adapter be copied while some other replica's headroom stays
+   put (a replica the predictor finds infeasible at every load, headroom 0, would otherwise
+   block every copy: zipf-5000's 55 req/s adapter was never replicated). Otherwise only the
+   first copy is tried, then no copy (the dispatch rebalanced on the freshly measured
+   capacities, which move as mixes change); if nothing helps the previous round stands and the
+   search stops.
 
 N is the smallest count (from the lower bound up) at which the predictor says no replica is
 starved; each replica gets the per-replica optimum (max_loras within memory). dLoRA's dynamic
@@ -45,6 +50,7 @@ placement to N + n - 1 copies that its migration relies on.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -61,7 +67,7 @@ MAX_ROUNDS = 16
 COPIES_PER_SOURCE = 4  # adapters one overloaded replica copies away per round
 BALANCE_STEPS = 80
 MIN_WEIGHT = 1e-4  # a replica taking less of an adapter's traffic than this drops the adapter
-IMPROVEMENT = 1.002  # a round must raise the minimum headroom by 0.2 % to be kept
+IMPROVEMENT = 1.002  # a round must raise the headrooms (leximin) by 0.2 % to be kept
 BELOW_BALANCED = 1.01  # replicas this far below the balanced headroom copy adapters away
 ROUND_TOLERANCE = 0.05  # headroom search tolerance inside the rounds (the plan's final: ctx's)
 
@@ -105,7 +111,6 @@ def replicate(index: WorkloadIndex, ctx: PlacementContext, n: int) -> _Placement
         heapq.heappush(heap, (count + 1, load + float(demand[p]), j))
     best = _Placement(np.arange(len(order), dtype=np.int64), replica, np.ones(len(order)))
     head, cap = _measure(index, ctx, best, n)
-    best_min = float(head.min())
     for _ in range(MAX_ROUNDS):
         copies = _proposals(best, demand, head, cap, n)
         trials = ([copies] if copies else []) + ([copies[:1]] if len(copies) > 1 else []) + [[]]
@@ -113,12 +118,22 @@ def replicate(index: WorkloadIndex, ctx: PlacementContext, n: int) -> _Placement
         for trial in trials:
             cand = _balance(_add(best, trial) if trial else best, demand, cap, n)
             h2, c2 = _measure(index, ctx, cand, n)
-            if float(h2.min()) > best_min * IMPROVEMENT:
-                best, head, cap, best_min, kept = cand, h2, c2, float(h2.min()), True
+            if leximin_better(h2, head):
+                best, head, cap, kept = cand, h2, c2, True
                 break
         if not kept:
             break
     return best
+
+
+def leximin_better(new: np.ndarray, old: np.ndarray, step: float = IMPROVEMENT) -> bool:
+    """Whether headrooms ``new`` beat ``old`` in leximin order: sorted ascending, the first pair
+    that differs by more than the factor ``step`` has ``new`` higher (infinite = empty)."""
+    for a, b in zip(np.sort(new).tolist(), np.sort(old).tolist(), strict=True):
+        if a == b or (math.isfinite(a) and math.isfinite(b) and max(a, b) <= min(a, b) * step):
+            continue
+        return a > b
+    return False
 
 
 def _measure(index: WorkloadIndex, ctx: PlacementContext, pl: _Placement, n: int
