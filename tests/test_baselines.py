@@ -285,7 +285,9 @@ class PoisonPredictor:
     shared: bool = False
     name: str = "poison"
 
-    def predict(self, loads, configs):
+    def predict(
+        self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
+    ) -> list[dict[str, float]]:
         out = flat(1000.0).predict(loads, configs)
         for load, pred in zip(loads, out, strict=True):
             if "poison" in load.adapter_ids and (not self.shared or load.n_adapters > 1):
