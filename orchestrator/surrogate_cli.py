@@ -27,6 +27,9 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--capped-samples", type=int, default=4000,
                    help="twin runs of the capped design: overloaded replicas behind a client "
                    "with an in-flight cap (default 4000; those --data lacks are run and added)")
+    t.add_argument("--capped-light-samples", type=int, default=1000,
+                   help="twin runs of the light capped design: the same client, replicas offered "
+                   "0.1-0.8x their capacity (default 1000; those --data lacks are run and added)")
     t.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of the design and the split")
     t.add_argument("--out", default=None,
@@ -61,12 +64,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from twin.surrogate import SurrogateError, train_surrogate
 
-    if args.workers < 1 or args.samples < 10 or args.capped_samples < 0:
-        return _fail(ValueError(
-            "--workers must be >= 1, --samples >= 10 and --capped-samples >= 0"))
+    if (args.workers < 1 or args.samples < 10 or args.capped_samples < 0
+            or args.capped_light_samples < 0):
+        return _fail(ValueError("--workers must be >= 1, --samples >= 10, --capped-samples "
+                                "and --capped-light-samples >= 0"))
     try:
         meta = train_surrogate(
             args.profile, samples=args.samples, capped_samples=args.capped_samples,
+            capped_light_samples=args.capped_light_samples,
             workers=args.workers, seed=args.seed,
             out=args.out, data=args.data, duration_s=args.window, progress=not args.json,
         )
@@ -77,12 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(f"wrote [bold]{meta['directory']}[/] ({meta['n_samples']} twin runs, "
-                  f"{meta.get('n_capped', 0)} of them capped, {meta['n_held_out']} held out; "
+                  f"{meta.get('n_capped', 0)} of them capped "
+                  f"({meta.get('n_capped_light', 0)} below capacity), {meta['n_held_out']} + "
+                  f"{meta.get('n_held_out_capped', 0)} held out; "
                   f"throughput as {meta['throughput_target']}, starvation by "
                   f"{meta['starvation']})")
-    console.print(_held_out_table(meta["held_out"]))
-    if meta.get("held_out_capped_design"):
-        console.print(_held_out_table(meta["held_out_capped_design"], "capped design"))
+    _print_held_out(console, meta)
     return 0
 
 
@@ -100,9 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     console = Console()
-    console.print(_held_out_table(report["held_out"]))
-    if report.get("held_out_capped_design"):
-        console.print(_held_out_table(report["held_out_capped_design"], "capped design"))
+    _print_held_out(console, report)
     if "real_runs" in report:
         console.print(_real_runs_table(report["real_runs"]))
     console.print(
@@ -112,6 +115,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{report['n_trees']} trees"
     )
     return 0
+
+
+def _print_held_out(console: Any, report: dict[str, Any]) -> None:
+    """One held-out table per design the report scores."""
+    for key, design in (("held_out", "uncapped client"),
+                        ("held_out_capped_design", "capped design"),
+                        ("held_out_capped_light", "light capped design")):
+        if report.get(key):
+            console.print(_held_out_table(report[key], design))
 
 
 def _pct(v: float | None) -> str:

@@ -35,6 +35,7 @@ from twin.surrogate_data import (
     length_menu,
     run_samples,
     sample_space,
+    table_designs,
 )
 from twin.surrogate_features import CAP_NEVER_S, FEATURE_NAMES, FeatureBuilder, build_features
 from twin.workload import WorkloadError
@@ -129,7 +130,8 @@ def test_twin_predictor_runs_the_load_behind_its_client_cap(profile):
 
 
 def test_batch_rows_equal_single_rows(profile):
-    specs = sample_space(25, profile, seed=11) + sample_space(8, profile, seed=11, capped=True)
+    specs = sample_space(25, profile, seed=11) + sample_space(8, profile, seed=11,
+                                                          design="capped")
     menu = {n: lm for n, lm, _ in length_menu(profile.max_model_len)}
     pairs = [s.build(menu) for s in specs]
     loads, cfgs = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -164,19 +166,37 @@ def test_sampler_is_seeded_and_covers_the_space(profile):
     assert min(ratios) < 0.25 and max(ratios) > 1.5 and np.median(ratios) < 1.2
 
 
-def test_capped_design_is_overloaded_behind_a_cap(profile):
-    uncapped = sample_space(40, profile, seed=5)
-    capped = sample_space(30, profile, seed=5, capped=True)
-    assert all(s.client_max_inflight == 0 for s in uncapped)
-    assert all(CAP_RANGE[0] <= s.client_max_inflight <= CAP_RANGE[1] for s in capped)
-    assert capped[:10] == sample_space(10, profile, seed=5, capped=True)
-    assert uncapped == sample_space(40, profile, seed=5)  # its own stream: design unchanged
+def _load_ratios(profile, specs):
+    """Offered req/s over the analytic capacity the design scales them by."""
     menu = {name: lm for name, lm, _ in length_menu(profile.max_model_len)}
-    pairs = [s.build(menu) for s in capped]
+    pairs = [s.build(menu) for s in specs]
+    assert all(p[0].client_max_inflight == (s.client_max_inflight or None)
+               for p, s in zip(pairs, specs, strict=True))
     x = build_features([p[0] for p in pairs], [p[1] for p in pairs], profile)
-    assert (x[:, COL["load_ratio"]] >= 0.8 - 1e-9).all() and x[:, COL["load_ratio"]].max() > 3
-    assert all(p[0].client_max_inflight == s.client_max_inflight
-               for p, s in zip(pairs, capped, strict=True))
+    return np.array([s.total_rate_rps for s in specs]) / x[:, COL["capacity_rps"]]
+
+
+def test_capped_designs_sit_behind_a_cap_each_in_its_load_band(profile):
+    uncapped = sample_space(40, profile, seed=5)
+    capped = sample_space(30, profile, seed=5, design="capped")
+    light = sample_space(30, profile, seed=5, design="capped_light")
+    assert all(s.client_max_inflight == 0 for s in uncapped)
+    assert all(CAP_RANGE[0] <= s.client_max_inflight <= CAP_RANGE[1] for s in capped + light)
+    assert capped[:10] == sample_space(10, profile, seed=5, design="capped")
+    assert light[:10] == sample_space(10, profile, seed=5, design="capped_light")
+    assert uncapped == sample_space(40, profile, seed=5)  # own streams: designs independent
+    assert not {s.seed for s in capped} & {s.seed for s in light}
+    over = _load_ratios(profile, capped)
+    assert (over >= 0.8 - 1e-9).all() and over.max() > 3
+    under = _load_ratios(profile, light)
+    # (the band is drawn against the capacity at a nominal rate; at the drawn rate the active
+    # adapters, and so the capacity, move a little)
+    assert under.max() < 0.9 and np.median(under) < 0.5 and under.min() < 0.3
+
+
+def test_unknown_design_is_named():
+    with pytest.raises(ValueError, match="capped_light"):
+        sample_space(3, None, design="light")
 
 
 def test_tables_from_before_the_capped_design_read_as_uncapped(profile):
@@ -192,6 +212,18 @@ def test_adding_capped_runs_keeps_the_uncapped_split():
     mask = design_held_out(after, 3)
     np.testing.assert_array_equal(mask[:50], held_out_mask(50, 3))
     assert mask[50:].sum() == round(20 * HELD_OUT_FRACTION)
+
+
+def test_adding_light_capped_runs_keeps_the_other_splits():
+    """A table from before the design column reads its capped rows as the capped design, and
+    light capped rows appended later leave both earlier splits as they were."""
+    old = pd.DataFrame({"spec_client_max_inflight": [0] * 50 + [500] * 20})
+    assert list(table_designs(old)) == ["uncapped"] * 50 + ["capped"] * 20
+    new = pd.DataFrame({"spec_client_max_inflight": [0] * 50 + [500] * 40,
+                        "design": ["uncapped"] * 50 + ["capped"] * 20 + ["capped_light"] * 20})
+    before, after = design_held_out(old, 3), design_held_out(new, 3)
+    np.testing.assert_array_equal(after[:70], before)
+    np.testing.assert_array_equal(after[70:], held_out_mask(20, 3 + 2))
 
 
 # ------------------------------------------------------------------------------ a small model
@@ -316,11 +348,15 @@ def test_load_surrogate_error_names_the_directory_and_command(tmp_path, monkeypa
 def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["surrogate", "train", "--profile", PROFILE, "--samples", "30",
-                 "--capped-samples", "8", "--window", "120", "--workers", "1", "--seed", "4",
-                 "--out", str(out), "--json"]) == 0
+                 "--capped-samples", "8", "--capped-light-samples", "5", "--window", "120",
+                 "--workers", "1", "--seed", "4", "--out", str(out), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["n_samples"] == 38 and meta["n_capped"] == 8 and (out / "meta.yaml").exists()
+    assert meta["n_samples"] == 43 and meta["n_capped"] == 13 and (out / "meta.yaml").exists()
+    assert meta["n_capped_light"] == 5 and meta["n_held_out_capped"] == 2 + 1
     assert meta["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
+    assert meta["held_out_capped_light"]["total_throughput_tps"]["n"] == 1
+    stored = pd.read_csv(out / "samples.csv.gz")
+    assert (stored["design"] == "capped_light").sum() == 5
     assert meta["capped"] == "capped" and (out / "capped" / "throughput.txt").exists()
     assert (out / "samples.csv.gz").exists() and meta["window_s"] == 120
     assert main(["surrogate", "eval", "--profile", PROFILE, "--dir", str(out), "--runs",
@@ -328,6 +364,7 @@ def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["held_out"]["total_throughput_tps"]["n"] == meta["n_held_out"]
     assert report["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
+    assert report["held_out_capped_light"]["total_throughput_tps"]["n"] == 1
 
 
 def test_cli_eval_json_on_the_shipped_model(tmp_path, capsys):

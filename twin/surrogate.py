@@ -197,10 +197,11 @@ class Surrogate:
     """LightGBM models of one profile's replica; a ``ReplicaPredictor`` named "surrogate".
 
     Two ensembles, chosen per row by the load's client: one fitted on the uncapped design for a
-    load with an unbounded client (every replica of a plan), and ``capped_``, fitted on both
-    designs, for a load behind an in-flight cap (measurements made through such a client).
-    Keeping the first apart keeps the capped runs from costing the planning model accuracy
-    (Llama held-out throughput 8.8 % alone, 10.3 % fitted on both designs).
+    load with an unbounded client (every replica of a plan), and ``capped_``, fitted on every
+    design (``twin.surrogate_data.DESIGNS``), for a load behind an in-flight cap (measurements
+    made through such a client). Keeping the first apart keeps the capped runs from costing the
+    planning model accuracy (Llama held-out throughput 8.8 % alone, 10.3 % fitted with the
+    capped runs).
     """
 
     name = "surrogate"
@@ -602,13 +603,15 @@ def capped_rows(table: pd.DataFrame) -> np.ndarray:
 
 
 def design_held_out(table: pd.DataFrame, seed: int) -> np.ndarray:
-    """Held-out rows drawn within each design (uncapped, capped) on its own, so adding capped
-    runs leaves the uncapped split — and its held-out figures — as they were."""
-    capped = capped_rows(table)
+    """Held-out rows drawn within each design on its own (seed + its stream), so adding runs of
+    one design leaves the split of the others — and their held-out figures — as they were."""
+    from twin.surrogate_data import DESIGNS, table_designs
+
+    designs = table_designs(table)
     mask = np.zeros(len(table), bool)
-    for part, part_seed in ((~capped, seed), (capped, seed + 1)):
-        idx = np.flatnonzero(part)
-        mask[idx] = held_out_mask(len(idx), part_seed)
+    for name, part in DESIGNS.items():
+        idx = np.flatnonzero(designs == name)
+        mask[idx] = held_out_mask(len(idx), seed + part.stream)
     return mask
 
 
@@ -659,7 +662,7 @@ def select_modes(
 def read_samples(path: str | Path, profile: Profile, split: str | None = None) -> pd.DataFrame:
     """A stored twin-run table (only its ``split`` rows if given) with its features recomputed
     by this lorafleet."""
-    from twin.surrogate_data import SampleSpec, featurize
+    from twin.surrogate_data import SampleSpec, featurize, table_designs
 
     table = pd.read_csv(path)
     if split is not None:
@@ -669,6 +672,7 @@ def read_samples(path: str | Path, profile: Profile, split: str | None = None) -
         table["spec_client_max_inflight"] = 0
     table[list(FEATURE_NAMES)] = featurize(specs, profile)
     table["starved"] = table["starved"].astype(bool)
+    table["design"] = table_designs(table)
     return table
 
 
@@ -689,6 +693,7 @@ def train_surrogate(
     *,
     samples: int = 2000,
     capped_samples: int = 4000,
+    capped_light_samples: int = 1000,
     workers: int = 2,
     seed: int = 0,
     out: str | Path | None = None,
@@ -699,8 +704,9 @@ def train_surrogate(
 ) -> dict[str, Any]:
     """Generate twin runs (or reuse ``data``), fit, score on held-out runs, save; the meta.
 
-    ``capped_samples``: runs of the capped design (``sample_space(capped=True)``) in the
-    table; those a reused ``data`` table lacks are run and appended.
+    ``capped_samples`` / ``capped_light_samples``: runs of the ``capped`` / ``capped_light``
+    designs (``twin.surrogate_data.DESIGNS``) in the table; those a reused ``data`` table lacks
+    are run and appended.
     """
     from twin.surrogate_data import run_samples, sample_space
 
@@ -715,19 +721,21 @@ def train_surrogate(
         provenance = {"twin_commit": _git_commit(), "twin_workers": workers}
         specs = sample_space(samples, profile, seed=seed, duration_s=duration_s)
         table = run_samples(specs, profile, duration_s=duration_s, workers=workers,
-                            progress=progress)
+                            progress=progress).assign(design="uncapped")
         provenance["twin_runs_wall_s"] = round(time.perf_counter() - t0, 1)
-    have = int(capped_rows(table).sum())
-    if capped_samples > have:
+    for design, wanted in (("capped", capped_samples), ("capped_light", capped_light_samples)):
+        have = int((table["design"] == design).sum())
+        if wanted <= have:
+            continue
         t1 = time.perf_counter()
-        specs = sample_space(capped_samples, profile, seed=seed, duration_s=duration_s,
-                             capped=True)[have:]
+        specs = sample_space(wanted, profile, seed=seed, duration_s=duration_s,
+                             design=design)[have:]
         extra = run_samples(specs, profile, duration_s=duration_s, workers=workers,
-                            progress=progress)
+                            progress=progress).assign(design=design)
         table = pd.concat([table.drop(columns=["split"], errors="ignore"), extra],
                           ignore_index=True)
-        provenance["capped_runs_wall_s"] = round(time.perf_counter() - t1, 1)
-        provenance["capped_twin_commit"] = _git_commit()
+        provenance[f"{design}_runs_wall_s"] = round(time.perf_counter() - t1, 1)
+        provenance[f"{design}_twin_commit"] = _git_commit()
     t_twin = time.perf_counter() - t0
     held = design_held_out(table, seed)
     capped = capped_rows(table)
@@ -735,15 +743,10 @@ def train_surrogate(
     if (capped & ~held).any():
         model.capped_ = _fit_selected(table[~held].reset_index(drop=True), profile, seed, params)
     t_fit = time.perf_counter() - t0 - t_twin
-    xh, yh = _xy(table[held & ~capped])
-    held_scores = score(model.predict_arrays(xh.to_numpy(float)), yh)
-    capped_scores = None
-    if (held & capped).any():
-        xc, yc = _xy(table[held & capped])
-        capped_scores = score(model.predict_arrays(xc.to_numpy(float)), yc)
     meta = {
         "n_samples": int(len(table)),
         "n_capped": int(capped.sum()),
+        "n_capped_light": int((table["design"] == "capped_light").sum()),
         "n_held_out": int((held & ~capped).sum()),
         "n_held_out_capped": int((held & capped).sum()),
         "seed": seed,
@@ -753,8 +756,7 @@ def train_surrogate(
         "fit_wall_s": round(t_fit, 1),
         "data": SAMPLES_FILE,
         "selection": model.selection_,
-        "held_out": held_scores,
-        "held_out_capped_design": capped_scores,
+        **held_out_scores(model, table[held]),
     }
     model.save(directory, meta)
     table.assign(split=np.where(held, "held_out", "train")).to_csv(
@@ -763,8 +765,24 @@ def train_surrogate(
     return {"directory": str(directory), **model.meta_}
 
 
+HELD_OUT_KEYS = {  # report key of each design's held-out scores
+    "uncapped": "held_out", "capped": "held_out_capped_design",
+    "capped_light": "held_out_capped_light",
+}
+
+
+def held_out_scores(model: Surrogate, held: pd.DataFrame) -> dict[str, Any]:
+    """``score`` on each design's held-out rows (None for a design without any)."""
+    out: dict[str, Any] = {}
+    for design, key in HELD_OUT_KEYS.items():
+        rows = held[held["design"].to_numpy(str) == design]
+        x, y = _xy(rows)
+        out[key] = score(model.predict_arrays(x.to_numpy(float)), y) if len(rows) else None
+    return out
+
+
 _PROVENANCE_KEYS = ("twin_runs_wall_s", "twin_workers", "twin_commit", "capped_runs_wall_s",
-                    "capped_twin_commit")
+                    "capped_twin_commit", "capped_light_runs_wall_s", "capped_light_twin_commit")
 
 
 def _data_provenance(data: Path) -> dict[str, Any]:
@@ -895,17 +913,12 @@ def evaluate_surrogate(
         model, directory = Surrogate.load(directory, load_profile(profile_ref)), Path(directory)
     held_all = read_samples(directory / model.meta_.get("data", SAMPLES_FILE), model.profile,
                             split="held_out")
-    capped = capped_rows(held_all)
-    held = held_all[~capped]
-    xh, yh = _xy(held)
+    held = held_all[~capped_rows(held_all)]
     report: dict[str, Any] = {
         "profile": model.profile.name,
         "n_train": model.n_train_,
-        "held_out": score(model.predict_arrays(xh.to_numpy(float)), yh),
+        **{k: v for k, v in held_out_scores(model, held_all).items() if v is not None},
     }
-    if capped.any():
-        xc, yc = _xy(held_all[capped])
-        report["held_out_capped_design"] = score(model.predict_arrays(xc.to_numpy(float)), yc)
     if runs is not None:
         report["real_runs"], _, _ = evaluate_real_runs(model, runs, seed)
     menu = {name: lm for name, lm, _ in length_menu(model.profile.max_model_len)}
