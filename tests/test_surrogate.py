@@ -308,6 +308,28 @@ def test_compiled_trees_match_lightgbm(runs_table, small_model, rows):
         np.testing.assert_allclose(ours[:, j], ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("target", ["fraction", "log_fraction", "log", "log_vs_capacity"])
+def test_metrics_follow_each_target_from_the_tree_sums(profile, runs_table, target):
+    """The compiled pass (``_finish``) against the targets' definitions in numpy."""
+    m = Surrogate(profile, n_estimators=10, throughput_target=target,
+                  min_child_samples=3).fit(runs_table, runs_table)
+    x = runs_table.loc[:, list(FEATURE_NAMES)].to_numpy(float, copy=True)
+    x[0, COL["offered_tps"]] = 0.0  # nothing offered: nothing served, never starved
+    raw, pred = m.raw_scores(x), m.predict_arrays(x)
+    offered = x[:, COL["offered_tps"]]
+    servable = np.maximum(np.minimum(offered, x[:, COL["capacity_tps"]]), 1e-6)
+    per_offered = np.exp(raw[:, 0]) / np.maximum(offered, 1e-12)
+    frac = {"fraction": np.clip(raw[:, 0], 0, 1), "log_fraction": np.minimum(np.exp(raw[:, 0]), 1),
+            "log": np.minimum(per_offered, 1),
+            "log_vs_capacity": np.minimum(per_offered * servable, 1)}[target]
+    np.testing.assert_allclose(pred["total_throughput_tps"], frac * offered, rtol=1e-12)
+    np.testing.assert_array_equal(pred["offered_total_tps"], offered)
+    for j, k in enumerate(("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"), start=1):
+        np.testing.assert_allclose(pred[k], np.exp(raw[:, j]), rtol=1e-12)
+    np.testing.assert_array_equal(pred["starved"], (raw[:, -1] > 0) & (offered > 0))
+    assert pred["starved"].dtype == bool and not pred["starved"][0]
+
+
 def test_save_load_round_trip(tmp_path, profile, runs_table, small_model):
     small_model.save(tmp_path / "m")
     again = Surrogate.load(tmp_path / "m")
