@@ -48,6 +48,8 @@ from twin.surrogate_features import (
 META_FORMAT_VERSION = 1
 LATENCY_TARGETS: tuple[str, ...] = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 THROUGHPUT_TARGETS: tuple[str, ...] = ("fraction", "log_fraction", "log", "log_vs_capacity")
+# the targets as ``_finish`` receives them (their index)
+_T_FRACTION, _T_LOG_FRACTION, _T_LOG, _T_LOG_VS_CAPACITY = range(len(THROUGHPUT_TARGETS))
 STARVATION_MODES: tuple[str, ...] = ("classifier", "fraction")
 _I_OFFERED = FEATURE_NAMES.index("offered_tps")
 _I_CAPACITY = FEATURE_NAMES.index("capacity_tps")
@@ -186,10 +188,20 @@ def completed_fraction(y: pd.DataFrame) -> np.ndarray:
     return np.where(offered > 0, done / np.maximum(offered, 1e-12), 1.0)
 
 
-def _servable(x: np.ndarray) -> np.ndarray:
-    """What the analytic estimate says the replica completes: min(offered, capacity) tok/s."""
-    x = np.asarray(x, float)
-    return np.maximum(np.minimum(x[:, _I_OFFERED], x[:, _I_CAPACITY]), 1e-6)
+@njit(cache=True)
+def _servable_row(x, r):  # pragma: no cover - compiled
+    """What the analytic estimate says row ``r``'s replica completes: min(offered, capacity)
+    tok/s (the scale of the ``log_vs_capacity`` target, in fitting and in ``_finish``)."""
+    return max(min(x[r, _I_OFFERED], x[r, _I_CAPACITY]), 1e-6)
+
+
+@njit(cache=True)
+def _servable(x):  # pragma: no cover - compiled
+    """``_servable_row`` of every row."""
+    out = np.empty(x.shape[0])
+    for r in range(x.shape[0]):
+        out[r] = _servable_row(x, r)
+    return out
 
 
 @njit(cache=True)
@@ -204,12 +216,12 @@ def _finish(raw, x, target, classifier, threshold, out):  # pragma: no cover - c
     for r in range(raw.shape[0]):
         offered = x[r, _I_OFFERED]
         y = raw[r, 0]
-        if target == 0:  # fraction
+        if target == _T_FRACTION:
             frac = min(max(y, 0.0), 1.0)
-        elif target == 1:  # log_fraction
+        elif target == _T_LOG_FRACTION:
             frac = min(math.exp(y), 1.0)
         else:  # log, log_vs_capacity: tok/s, relative to the analytic servable rate or not
-            scale = max(min(offered, x[r, _I_CAPACITY]), 1e-6) if target == 3 else 1.0
+            scale = _servable_row(x, r) if target == _T_LOG_VS_CAPACITY else 1.0
             frac = min(math.exp(y) * scale / max(offered, 1e-12), 1.0)
         out[r, 0] = frac * offered
         out[r, 1] = offered
@@ -374,10 +386,10 @@ class Surrogate:
 
     def _predict_own(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """This ensemble's predictions for every row of ``x``."""
+        x = np.ascontiguousarray(x, dtype=np.float64)
         raw = self.raw_scores(x)
         out = np.empty((len(x), len(PREDICTED_METRICS)))
-        _finish(raw, np.ascontiguousarray(x, dtype=np.float64),
-                THROUGHPUT_TARGETS.index(self.throughput_target),
+        _finish(raw, x, THROUGHPUT_TARGETS.index(self.throughput_target),
                 self.starvation == "classifier", STARVATION_THRESHOLD, out)
         cols = {k: out[:, j] for j, k in enumerate(PREDICTED_METRICS)}
         cols["starved"] = cols["starved"] > 0.0
@@ -614,10 +626,10 @@ def held_out_mask(n: int, seed: int, fraction: float = HELD_OUT_FRACTION) -> np.
 
 
 def capped_rows(table: pd.DataFrame) -> np.ndarray:
-    """Rows of the capped design (a client with an in-flight cap)."""
-    if "spec_client_max_inflight" not in table:
-        return np.zeros(len(table), bool)
-    return table["spec_client_max_inflight"].fillna(0).to_numpy() > 0
+    """Rows of a capped design (a client with an in-flight cap)."""
+    from twin.surrogate_data import DESIGNS, table_designs
+
+    return np.array([DESIGNS[d].capped for d in table_designs(table)], dtype=bool)
 
 
 def design_held_out(table: pd.DataFrame, seed: int) -> np.ndarray:
