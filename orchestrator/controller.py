@@ -1,38 +1,59 @@
 """The closed loop: a named, detached controller actor that keeps the deployment right.
 
-Engine replicas push telemetry batches every second (``ingest``); ingress replicas poll for the
-routing table four times a second (``routing_update``) and report what they still have in flight.
-Every ``check_interval_s`` the controller (``ControllerCore.check``):
+Ingress replicas count every client request once, where it is offered, and push those arrivals
+every second (``ingest_offered``); engine replicas push what they served - completions, TTFT,
+their queue, the adapters they hold (``ingest``); ingresses poll for the routing table four
+times a second (``routing_update``) and report what they still have in flight. Every
+``check_interval_s`` the controller (``ControllerCore.check``):
 
-1. judges whether the telemetry is complete (every replica reported, the window covered); if not
-   it does nothing - lost telemetry means "no re-plan", never a plan made on half the traffic;
-2. estimates the live workload (orchestrator/workload_window.py) and detects drift against the
-   workload the current plan was made for, plus the live-vs-predicted gap (orchestrator/drift.py);
-3. on drift, builds candidate plans and verifies them and the current placement with twin runs
-   fanned out as Ray tasks (orchestrator/replan.py, orchestrator/fanout.py), and applies the winner
+1. judges whether the telemetry is complete (every ingress and engine reported, the window
+   covered, enough seconds since the last transition); if not it does nothing - lost telemetry
+   means "no re-plan", never a plan made on half the traffic;
+2. estimates the offered workload from the ingresses' arrivals (orchestrator/workload_window.py),
+   from the traffic after the last step in the load if there was one, and compares it with the
+   workload the current plan was made for (orchestrator/drift.py);
+3. weighs the evidence of capacity: the estimate exceeds what the predictor says the fleet
+   serves, or an engine's queue grows. A live throughput or TTFT below the twin's with no
+   growing queue is a calibration gap, reported as such, never a reason to add replicas;
+4. on drift or missing capacity, builds candidate plans for the estimate (not more), verifies
+   them and the current placement with twin runs fanned out as Ray tasks (orchestrator/replan.py,
+   orchestrator/fanout.py; a cluster with no CPU for them runs them here), and applies the winner
    only if it beats the current plan by a margin that pays for the move;
-4. applies a winner with a safe transition (orchestrator/transition.py).
+5. applies a winner with a safe transition (orchestrator/transition.py).
 
 ``ControllerCore`` is plain Python over an ``Ops`` object, so unit tests drive it with fakes;
 ``ServeOps`` is the Ray Serve implementation and ``FleetController`` the Ray actor around both.
 A restarted controller (Ray restarts the detached actor) rebuilds its state from the engine
-replicas: each one holds the plan and routing version it was last assigned.
+replicas: each one holds the plan and routing version it was last assigned; the event history is
+kept in Ray's key-value store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
+import json
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from orchestrator.adapter_registry import AdapterEntry, AdapterRegistry
-from orchestrator.drift import DriftConfig, detect_drift, latest_change, replica_gaps
+from orchestrator.drift import (
+    DriftConfig,
+    calibration_notes,
+    detect_drift,
+    latest_change,
+    queue_growth,
+    replica_gaps,
+)
 from orchestrator.replan import ReplanConfig, replan, rerate, whatif_workload
 from orchestrator.replica import ReplicaSpec
 from orchestrator.serving_spec import ServingSpec
@@ -44,22 +65,31 @@ from orchestrator.transition import (
     execute,
     plan_transition,
 )
-from orchestrator.workload_window import TelemetryBatch, WorkloadWindow
+from orchestrator.workload_window import Coverage, TelemetryBatch, WorkloadWindow
 from placement.plan import Plan
 from placement.policy import PlacementContext
+from placement.replica_optimum import is_feasible, max_feasible_scale
 from twin.parallel import Mapper
+from twin.replica import ReplicaLoad
 from twin.workload import AdapterSpec, Workload
 
 CONTROLLER_NAME = "lorafleet-controller"
 NAMESPACE = "lorafleet"
 ENGINE_APP_PREFIX = "lorafleet-e"
 MAX_EVENTS = 200
+MAX_CHECKS = 1000  # check records kept for ``history`` (the benchmark's timeline)
 DESCRIBE_TIMEOUT_S = 15.0
+RECOVER_RETRY_S = (2.0, 30.0)  # first and longest wait between recovery attempts
+MIN_CAPACITY_FACTOR = 0.25  # queue evidence never makes plans assume less of the twin's capacity
 _GAP_KEYS = ("request_rate_rps", "total_throughput_tps", "ttft_mean_ms", "ttft_p50_ms")
 
 
 class ControllerError(RuntimeError):
     """The controller cannot do what it was asked; the message says why."""
+
+
+class RecoverLater(RuntimeError):
+    """A restarted controller could not read the fleet yet (engines did not answer)."""
 
 
 @dataclass(frozen=True)
@@ -79,24 +109,44 @@ class ControllerSettings:
     ack_timeout_s: float = 30.0
     drain_timeout_s: float = 300.0
     fanout_batch: int = 1
-    fanout_cpus: float = 0.5
-    # a re-plan after a step in the load rests on the few seconds since it, N requests: the
-    # fleet is sized for the estimate + this many Poisson sds (x (1 + k / sqrt(N))), so a low
-    # draw does not leave it a replica short (a later check only re-plans for a 20 % miss)
-    step_margin_sd: float = 1.0
+    # one CPU per twin task: at most as many tasks as CPUs, so Ray keeps their workers warm
+    # (fractional tasks run more workers than CPUs, which Ray reaps and restarts every fan-out:
+    # seconds of CPU each on a small host, stalling the serving path)
+    fanout_cpus: float = 1.0
+    twin_stall_s: float = 60.0  # no twin task finished for this long: run the rest here
+    # "the fleet does not serve the estimate" is judged at the estimate's lower confidence
+    # bound (this many Poisson sds below it), so noise around a plan sized at the edge does not
+    # scale the fleet up and down
+    shortfall_z: float = 2.0
+    # an engine queue that grows lowers the capacity plans assume to what that replica served
+    # (at most by half); held this long after the last such evidence
+    capacity_hold_s: float = 600.0
+    # queue evidence rests on this much of the current fleet's telemetry at least
+    queue_min_s: float = 30.0
+    # after a transition, its first seconds are not judged (``ControllerCore.judged_from``)
+    settle_s: float = 10.0
+    # a plan with fewer replicas applies only once the estimate rests on this much traffic
+    # (default: the window); scaling up acts on the first evidence
+    scale_down_span_s: float | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
     replan: ReplanConfig = field(default_factory=ReplanConfig)
 
     def __post_init__(self) -> None:
         for name in ("window_s", "check_interval_s", "gap_interval_s", "verify_window_s",
-                     "start_timeout_s", "ack_timeout_s", "drain_timeout_s", "fanout_cpus"):
+                     "start_timeout_s", "ack_timeout_s", "drain_timeout_s", "fanout_cpus",
+                     "twin_stall_s", "capacity_hold_s", "queue_min_s"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"controller.{name}: must be a positive number, got {v!r}")
-        if not isinstance(self.step_margin_sd, int | float) or not (
-                math.isfinite(self.step_margin_sd) and self.step_margin_sd >= 0):
-            raise ValueError(f"controller.step_margin_sd: must be a number >= 0, got "
-                             f"{self.step_margin_sd!r}")
+        for name in ("shortfall_z", "settle_s"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"controller.{name}: must be a number >= 0, got {v!r}")
+        if self.scale_down_span_s is None:
+            object.__setattr__(self, "scale_down_span_s", float(self.window_s))
+        if not 0 <= self.scale_down_span_s <= self.window_s:
+            raise ValueError(f"controller.scale_down_span_s: must be within [0, window_s], "
+                             f"got {self.scale_down_span_s}")
         if not 0 <= self.min_span_s <= self.window_s:
             raise ValueError(f"controller.min_span_s: must be within [0, window_s], "
                              f"got {self.min_span_s}")
@@ -145,6 +195,14 @@ class FleetOps(Ops):
     def delete_ingress(self) -> None:
         ...
 
+    def save_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Keep the event history where a restarted controller finds it."""
+        ...
+
+    def load_events(self) -> list[dict[str, Any]]:
+        """The history ``save_events`` kept ([] if none)."""
+        ...
+
 
 class ControllerCore:
     """The controller's state and decisions (module docstring); thread-safe where it must be:
@@ -166,7 +224,16 @@ class ControllerCore:
                                         duration_s=settings.verify_window_s, mapper=mapper)
         self.lock = threading.Lock()
         self.busy = threading.Lock()  # one check/transition at a time
+        # what the engines served (since the last transition) and what the ingresses were
+        # offered (every client request once, whatever the fleet did with it)
         self.window = WorkloadWindow(settings.window_s, min_span_s=settings.min_span_s)
+        self.offered = WorkloadWindow(settings.window_s, min_span_s=settings.min_span_s)
+        self.instances: dict[str, str] = {}  # endpoint -> the process that last reported
+        self.checks: deque[dict[str, Any]] = deque(maxlen=MAX_CHECKS)
+        self.capacity_factor = 1.0  # share of the twin's capacity plans assume (queue evidence)
+        self._capacity_until = -math.inf
+        self._capacity_why = ""
+        self._calibration_notes: list[str] = []
         self.plan: Plan = serving.plan
         self.members: dict[str, Member] = {}
         self.roles: dict[str, ReplicaSpec] = {}
@@ -175,7 +242,8 @@ class ControllerCore:
         self.version = 0
         self.routing: dict[str, Any] = {}
         self.acks: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.since = clock()
+        self.since = clock()  # the current fleet's start: what the engines' figures rest on
+        self.started = clock()  # when the ingress could first count arrivals
         self.events: list[dict[str, Any]] = []
         self.last_check: dict[str, Any] = {}
         self.gaps: dict[str, Any] = {}
@@ -190,7 +258,13 @@ class ControllerCore:
         with self.lock:
             self.events.append(e)
             del self.events[:-MAX_EVENTS]
+            kept = list(self.events)
+        self._save_events(kept)
         return e
+
+    def _save_events(self, events: list[dict[str, Any]]) -> None:
+        with contextlib.suppress(Exception):  # a convenience: serving never waits on it
+            self.ops.save_events(events)
 
     # -- start / recover ---------------------------------------------------------------------
     def bootstrap(self) -> dict[str, Any]:
@@ -198,6 +272,8 @@ class ControllerCore:
         found = self.ops.describe()
         if found:
             return self._recover(found)
+        with self.lock:
+            self.events = []  # a new deployment starts a new history
         specs = self.serving.replica_specs()
         items = [(self._new_endpoint(), s) for s in specs]
         t0 = time.perf_counter()
@@ -209,7 +285,7 @@ class ControllerCore:
         self.ops.wait_acked(self.version, self.settings.ack_timeout_s)
         self._stamp()
         with self.lock:
-            self.since = self.clock()  # judge traffic from when the ingress could send it
+            self.since = self.started = self.clock()  # judge traffic from when it could come
         self.event("deployed", replicas=len(items), seconds=round(time.perf_counter() - t0, 2))
         return self.status()
 
@@ -219,6 +295,11 @@ class ControllerCore:
         engines the stamp does not name are leftovers of an unfinished transition."""
         newest = max(found, key=lambda d: d["version"])
         if not newest["version"]:
+            silent = sorted(d["endpoint"] for d in found if d.get("unreachable"))
+            if silent:
+                raise RecoverLater(f"no engine that answered carries a plan stamp, and "
+                                   f"{len(silent)} did not answer ({', '.join(silent[:5])}); "
+                                   "retrying")
             raise RuntimeError(
                 f"{len(found)} engine application(s) run but none was stamped with a plan (the "
                 "controller died while deploying); run `lorafleet shutdown` and deploy again")
@@ -243,6 +324,14 @@ class ControllerCore:
                         "version": self.version}
         if stale:
             self.ops.stop(stale)
+        try:
+            history = list(self.ops.load_events())
+        except Exception as exc:
+            history = [{"t": self.clock(), "kind": "history_lost",
+                        "error": f"{type(exc).__name__}: {exc}"}]
+        with self.lock:
+            self.events = history[-MAX_EVENTS:]
+            self.since = self.started = self.clock()
         self.event("recovered", replicas=len(members), version=self.version, stopped=stale)
         return self.status()
 
@@ -280,10 +369,26 @@ class ControllerCore:
 
     # -- what replicas call -------------------------------------------------------------------
     def ingest(self, batch: Mapping[str, Any]) -> None:
+        """An engine's telemetry: what it served, its queue, the adapters it holds. A batch
+        from a new process of a member means Serve replaced that replica: an event says so."""
         b = TelemetryBatch.from_dict(batch)
+        replaced = None
         with self.lock:
             if b.replica in self.members:
                 self.window.add(b)
+                before = self.instances.get(b.replica)
+                if b.instance:
+                    self.instances[b.replica] = b.instance
+                if before and b.instance and before != b.instance:
+                    replaced = str(self.members[b.replica].rid)
+        if replaced is not None:
+            self.event("replica_replaced", endpoint=b.replica, replica=replaced)
+
+    def ingest_offered(self, batch: Mapping[str, Any]) -> None:
+        """An ingress replica's count of the client requests that arrived (the offered load)."""
+        b = TelemetryBatch.from_dict(batch)
+        with self.lock:
+            self.offered.add(b)
 
     def routing_update(self, ingress: str, state: Mapping[str, Any]) -> dict[str, Any] | None:
         """An ingress's poll: record its drain state; the table if it is behind."""
@@ -300,26 +405,54 @@ class ControllerCore:
 
     # -- the loop body ------------------------------------------------------------------------
     def estimate(self, now: float) -> tuple[Workload | None, dict[str, Any]]:
-        """The live workload, or None with the reason when the telemetry is incomplete."""
+        """The offered workload, or None with the reason when the telemetry is incomplete.
+
+        Rates come from the ingresses' arrivals (each client request once, however the fleet
+        routed, retried or drained it), over the window or, after a step in the load, the
+        traffic since the step. The engines must have covered the time since the last
+        transition too: decisions rest on the fleet as it now is (the hysteresis)."""
         ranks = {a.id: a.rank for a in self._registered()}
         cfg = self.settings.drift
         with self.lock:
-            cov = self.window.coverage(now, list(self.members), since=self.since)
+            offered = self._offered_coverage(now)
+            if not offered.complete:
+                return None, {"telemetry": "incomplete", "why": offered.why}
+            judged = self.judged_from
+            cov = self.window.coverage(now, list(self.members), since=judged)
             if not cov.complete:
                 return None, {"telemetry": "incomplete", "why": cov.why}
-            # a step in the load inside the window: estimate from the traffic after it
-            bins = self.window.binned_counts(now, bin_s=cfg.change_bin_s, since=self.since)
+            bins = self.offered.binned_counts(now, bin_s=cfg.change_bin_s, since=judged)
             k = latest_change(bins, cfg)
-            since = self.since if k is None else now - (len(bins) - k) * cfg.change_bin_s
-            est = self.window.estimate(now, ranks=ranks, lengths=self.plan.workload.length_model(),
-                                       since=since)
-            unknown = self.window.unknown_ids(now, ranks, since=since)
-        seen: dict[str, Any] = {"telemetry": "complete",
-                                "span_s": round(min(cov.span_s, now - since), 1),
+            since = judged if k is None else now - (len(bins) - k) * cfg.change_bin_s
+            est = self.offered.estimate(now, ranks=ranks,
+                                        lengths=self.plan.workload.length_model(), since=since)
+            unknown = self.offered.unknown_ids(now, ranks, since=since)
+        span = min(offered.span_s, now - since)
+        seen: dict[str, Any] = {"telemetry": "complete", "span_s": round(span, 1),
+                                "since_transition_s": round(now - self.since, 1),
                                 "unknown_ids": sorted(unknown)[:20]}
         if k is not None:
             seen["changed_s_ago"] = round(now - since, 1)
         return est, seen
+
+    def _offered_coverage(self, now: float) -> Any:
+        """Every ingress replica counted arrivals over the span (call with the lock held)."""
+        sources = list(self.offered.replicas)
+        fresh = [r for r in sources
+                 if now - self.offered.latest(r).t_end <= self.offered.stale_after_s]
+        need = self.serving.ingress_replicas
+        if len(fresh) < need:
+            return Coverage(False, 0.0, why=f"{len(fresh)} of {need} ingress replica(s) report "
+                                            "arrivals")
+        return self.offered.coverage(now, sources, since=self.judged_from)
+
+    @property
+    def judged_from(self) -> float:
+        """Where the traffic decisions rest on starts: ``settle_s`` after the current fleet
+        started. A transition stalls a busy host (engines start, backlogs are released), which
+        shifts arrivals in time at the ingress as at the engines; a window that holds the
+        release but not the stall reads a burst as load (the hysteresis of the loop)."""
+        return max(self.started, self.since + self.settings.settle_s)
 
     def _registered(self) -> list[AdapterEntry]:
         placed = {a.id for g in self.plan.groups for a in g.adapters}
@@ -354,60 +487,192 @@ class ControllerCore:
         now = self.clock()
         healed = self.heal()
         est, seen = self.estimate(now)
-        record: dict[str, Any] = {"t": now, **seen, **({"healed": healed} if healed else {})}
+        record: dict[str, Any] = {"t": now, "replicas": self.plan.replicas, **seen,
+                                  **({"healed": healed} if healed else {})}
         if est is None:
-            self.last_check = record
-            return record
+            return self._record(record)
+        offered_rps = est.total_rate_rps + est.base_model_rate_rps
+        record["estimated_rps"] = round(offered_rps, 4)
+        record.update(self._service(now))
         if now - self._gap_at >= self.settings.gap_interval_s:
             self.gaps = self.live_vs_predicted(est, now)
             self._gap_at = now
+            self._note_calibration()
+        if self.gaps.get("notes"):
+            record["calibration"] = self.gaps["notes"]
         planned = planned_workload(self.plan)
         placed = {a.id for a in planned.adapters}
         span = max(seen["span_s"], 1e-3)  # the seconds the estimate rests on
-        drift = detect_drift(
-            planned, est, span, self.settings.drift,
-            registered_unplaced=sorted(self.registered_later - placed),
-            gaps=self.gaps.get("gaps", {}),
-        )
-        record["drift"] = list(drift.reasons)
-        arrived = (est.total_rate_rps + est.base_model_rate_rps) * seen["span_s"]
-        if drift.drifted and arrived < self.settings.min_requests:
+        arrived = offered_rps * span
+        drift = detect_drift(planned, est, span, self.settings.drift,
+                             registered_unplaced=sorted(self.registered_later - placed))
+        reasons = list(drift.reasons)
+        queues = self.growing_queues(now)
+        fails = "; ".join(f"replica {r}: queue grew by {g:.0f} waiting requests while it served "
+                          f"{f * 100:.0f} % of its arrivals" for r, (g, f, _) in queues.items())
+        reasons += [fails] if fails else []
+        if not reasons:
+            reasons = self.shortfall(est, arrived)
+        record["drift"] = reasons
+        if not reasons:
+            return self._record(record)
+        if arrived < self.settings.min_requests:
             record["decision"] = (f"only {arrived:.0f} requests in the window (need "
                                   f"{self.settings.min_requests}): too little traffic to re-plan")
-            self.last_check = record
-            return record
-        if not drift.drifted:
-            self.last_check = record
-            return record
-        if now < self._quiet_until and self._quiet_workload is not None and not detect_drift(
-                self._quiet_workload, est, span,
-                self.settings.drift).drifted:
+            return self._record(record)
+        if now < self._quiet_until and self._quiet_workload is not None and not fails \
+                and not detect_drift(self._quiet_workload, est, span,
+                                     self.settings.drift).drifted:
             record["decision"] = ("cooling down: the workload has not moved since the last "
-                                  "re-plan, which kept the plan")
-            self.last_check = record
-            return record
+                                  "re-plan, which kept the plan (or deferred a scale-down)")
+            return self._record(record)
         if self.replan_off:
             record["decision"] = self.replan_off
-            self.last_check = record
-            return record
-        detected = self.event("drift", reasons=list(drift.reasons))
-        target, sized = est, {}
-        if "changed_s_ago" in seen and arrived > 0:
-            margin = 1.0 + self.settings.step_margin_sd / math.sqrt(arrived)
-            target, sized = est.scaled(margin), {"step_margin": round(margin, 4)}
-        record.update(sized)
-        decision = replan(target, self.ctx, self.plan, self.settings.replan, self.verify)
-        record["decision"] = decision.reason
-        self.event("replan", apply=decision.apply, reason=decision.reason,
+            return self._record(record)
+        detected = self.event("drift", reasons=reasons)
+        if queues:
+            self._lower_capacity(queues, fails, now)
+        cfg = self._replan_config(now)
+        if self.capacity_factor < 1.0:
+            record["capacity_factor"] = round(self.capacity_factor, 4)
+        decision = replan(est, self.ctx, self.plan, cfg, self.verify,
+                          current_fails=fails or None)
+        apply = decision.apply and decision.plan is not None
+        reason = decision.reason
+        if (apply and decision.plan.replicas < self.plan.replicas
+                and span < self.settings.scale_down_span_s):
+            # fewer replicas is never urgent, and a stall of the serving path reads as a drop
+            # for a few seconds: a scale-down waits for a full span of the lower load
+            apply = False
+            reason = (f"scale-down to {decision.plan.replicas} deferred: it rests on {span:.0f} "
+                      f"s of traffic, {self.settings.scale_down_span_s:g} s needed ({reason})")
+        record["decision"] = reason
+        self.event("replan", apply=apply, reason=reason,
                    seconds=round(decision.wall_s, 3), timings=decision.timings,
-                   replicas=decision.plan.replicas if decision.plan else None, **sized)
-        if decision.apply and decision.plan is not None and self.settings.auto_apply:
+                   replicas=decision.plan.replicas if decision.plan else None,
+                   estimated_rps=round(offered_rps, 4))
+        if apply and self.settings.auto_apply:
             record["transition"] = self.apply(decision.plan, detected_at=detected["t"])
         elif not decision.apply:
             self._quiet_until = now + self.settings.replan_cooldown_s
             self._quiet_workload = est
-        self.last_check = record
+        elif not apply:  # a deferred scale-down: decided again once the span is long enough
+            self._quiet_until = now + self.settings.scale_down_span_s - span
+            self._quiet_workload = est
+        return self._record(record)
+
+    def _record(self, record: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.last_check = record
+            self.checks.append(record)
         return record
+
+    def _service(self, now: float) -> dict[str, Any]:
+        """What the fleet did meanwhile (for the record, not the decision): requests the
+        engines received and finished per second, their queues, the ingresses' in flight."""
+        with self.lock:
+            live = [self.window.live_metrics(now, ep, since=self.judged_from)
+                    for ep in self.members]
+            ingress = [self.offered.latest(r) for r in self.offered.replicas]
+        rate = sum(m["request_rate_rps"] for m in live if math.isfinite(m["request_rate_rps"]))
+        done = sum(m["finished"] / m["covered_s"] for m in live if m["covered_s"] > 0)
+        return {"engine_arrivals_rps": round(rate, 3), "engine_finished_rps": round(done, 3),
+                "engine_waiting": sum(m["waiting"] for m in live),
+                "ingress_in_flight": sum(b.running for b in ingress if b is not None),
+                "ingress_sources": {r[-6:]: round(now - b.t_end, 1)
+                                    for r, b in zip(self.offered.replicas, ingress, strict=True)
+                                    if b is not None}}
+
+    def history(self, since: float = -math.inf) -> list[dict[str, Any]]:
+        """The check records (what each check saw and did) from ``since`` on, oldest first."""
+        with self.lock:
+            return [r for r in self.checks if r["t"] >= since]
+
+    def growing_queues(self, now: float) -> dict[str, tuple[float, float, float]]:
+        """Replicas whose queue grew over the time since the last transition: replica ->
+        (waiting requests gained, share of its arrivals it finished, requests/s it finished).
+        The evidence that the fleet lacks capacity, whatever the twin says of it."""
+        out: dict[str, tuple[float, float, float]] = {}
+        if now - self.judged_from < self.settings.queue_min_s:
+            return out  # a fleet just started fills its queues with the backlog of the swap
+        with self.lock:
+            members = dict(self.members)
+            for ep, m in sorted(members.items(), key=lambda kv: kv[1].rid):
+                gained = queue_growth(self.window.queue_series(now, ep, since=self.judged_from),
+                                      self.settings.drift)
+                if gained is None:
+                    continue
+                live = self.window.live_metrics(now, ep, since=self.judged_from)
+                arrivals = live["request_rate_rps"] * live["covered_s"]
+                served = live["finished"] / arrivals if arrivals > 0 else 1.0
+                rate = live["finished"] / live["covered_s"] if live["covered_s"] > 0 else 0.0
+                out[str(m.rid)] = (gained, min(1.0, served), rate)
+        return out
+
+    def shortfall(self, est: Workload, arrived: float) -> list[str]:
+        """Groups the predictor finds feasible at their planned load but not at the estimate's
+        lower confidence bound: the fleet does not serve what is offered (a rise too small to
+        count as drift can still exceed a plan sized at the edge)."""
+        low = max(0.0, 1.0 - self.settings.shortfall_z / math.sqrt(max(arrived, 1.0)))
+        if low <= 0.0:
+            return []
+        at = rerate(self.plan, replace(est.scaled(low), base_model_rate_rps=0.0),
+                    predictor=self.ctx.predictor)
+        if at is None:  # the estimate has adapters the plan does not place: drift says so
+            return []
+        short = [g.name for g, now_g in zip(self.plan.groups, at.groups, strict=True)
+                 if is_feasible(g.predicted, self.ctx) and not is_feasible(now_g.predicted,
+                                                                          self.ctx)]
+        if not short:
+            return []
+        return [f"the fleet does not serve the estimate: {', '.join(short[:5])} predicted "
+                f"infeasible at {low:.2f}x the estimated {est.total_rate_rps:.1f} req/s"]
+
+    def _lower_capacity(self, queues: Mapping[str, tuple[float, float, float]],
+                        why: str, now: float) -> None:
+        """Queue evidence: a replica that finishes ``rate`` req/s while its queue grows can do
+        no more than that, whatever the twin's capacity for its planned load (the plan's
+        headroom x that load). Plans assume that share of the twin's capacity (the lowest over
+        the queueing replicas, within [``MIN_CAPACITY_FACTOR``, 0.95]), held
+        ``capacity_hold_s``."""
+        shares = []
+        for rid, (_, _, rate) in queues.items():
+            g = self.plan.group(rid.rsplit("/", 1)[0])
+            planned = g.total_rate_rps
+            if planned <= 0 or rate <= 0:
+                continue
+            headroom = g.headroom
+            if headroom is None:
+                load = ReplicaLoad(g.adapter_ids, np.array([a.rank for a in g.adapters]),
+                                   np.array([a.rate_rps for a in g.adapters], dtype=float),
+                                   self.plan.workload.length_model())
+                headroom = float(max_feasible_scale([load], [g.engine], self.ctx)[0])
+            shares.append(rate / (planned * max(headroom, 1e-9)))
+        share = min(shares) if shares else 0.95
+        before = self.capacity_factor if now < self._capacity_until else 1.0
+        self.capacity_factor = max(MIN_CAPACITY_FACTOR, min(before, share, 0.95))
+        self._capacity_until = now + self.settings.capacity_hold_s
+        self._capacity_why = why
+        self.event("capacity", factor=round(self.capacity_factor, 4), reason=why,
+                   hold_s=self.settings.capacity_hold_s)
+
+    def _replan_config(self, now: float) -> ReplanConfig:
+        """The re-plan rule, its utilisations lowered by the live capacity factor while held."""
+        cfg = self.settings.replan
+        if now >= self._capacity_until:
+            self.capacity_factor = 1.0
+            return cfg
+        return replace(cfg, target_utilisations=tuple(
+            round(u * self.capacity_factor, 4) for u in cfg.target_utilisations))
+
+    def _note_calibration(self) -> None:
+        """Live figures off the twin's: noted (status, an event when the set changes), never
+        acted on; online calibration closes them."""
+        notes = calibration_notes(self.gaps.get("gaps"), self.settings.drift)
+        self.gaps["notes"] = notes
+        if notes and notes != self._calibration_notes:
+            self.event("calibration_gap", notes=notes)
+        self._calibration_notes = notes
 
     def live_vs_predicted(self, est: Workload, now: float) -> dict[str, Any]:
         """Per replica: live figures vs the twin's for the observed workload on this placement."""
@@ -416,7 +681,7 @@ class ControllerCore:
             return {"t": now, "why": "the live workload has adapters the plan does not place"}
         verified = self.verify([current])[0]
         with self.lock:
-            live = {ep: self.window.live_metrics(now, ep, since=self.since)
+            live = {ep: self.window.live_metrics(now, ep, since=self.judged_from)
                     for ep in self.members}
             members = dict(self.members)
         gaps: dict[str, float] = {}
@@ -517,12 +782,17 @@ class ControllerCore:
                 "last_check": self.last_check,
                 "plan": self.plan.to_dict(),
                 "live_vs_predicted": self.gaps, "events": self.events[-n_events:],
+                "capacity": {"factor": self.capacity_factor, "why": self._capacity_why,
+                             "until": self._capacity_until}
+                if self.clock() < self._capacity_until else None,
                 "settings": _plain(asdict(self.settings)),
             }
 
     def shutdown(self) -> None:
+        """Remove the ingress and every engine this controller runs; forget the history."""
         self.ops.delete_ingress()
         self.ops.stop(list(self.members))
+        self.ops.save_events([])
 
 
 class _Publishing:
@@ -588,8 +858,24 @@ class ServeOps(FleetOps):
             try:
                 out.append(call.result(timeout_s=DESCRIBE_TIMEOUT_S))
             except Exception:  # being replaced by Serve right now: the stamps of the others
-                out.append({"endpoint": name, "version": 0})  # still name it if it belongs
+                # still name it if it belongs; if none answers, recovery waits and retries
+                out.append({"endpoint": name, "version": 0, "unreachable": True})
         return out
+
+    def _events_key(self) -> bytes:
+        return f"{self.controller[0]}/events".encode()
+
+    def save_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self._events_key(), json.dumps(list(events), default=str).encode(),
+                         overwrite=True, namespace=self.controller[1])
+
+    def load_events(self) -> list[dict[str, Any]]:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(self._events_key(), namespace=self.controller[1])
+        return list(json.loads(raw)) if raw else []
 
     def start(self, items: Sequence[tuple[str, ReplicaSpec]], timeout_s: float) -> None:
         from ray import serve
@@ -715,7 +1001,9 @@ def controller_actor_class() -> Any:
             from orchestrator.fanout import ray_map
 
             ops = ServeOps(lambda: self.core, serving, (name, namespace))
-            mapper = ray_map(batch_size=settings.fanout_batch, num_cpus=settings.fanout_cpus)
+            mapper = ray_map(batch_size=settings.fanout_batch, num_cpus=settings.fanout_cpus,
+                             stall_timeout_s=settings.twin_stall_s,
+                             on_fallback=lambda why: self.core.event("twin_local", reason=why))
             ctx, off = placement_context(serving, settings.predictor)
             self.core = ControllerCore(serving, settings, ops, ctx, mapper, replan_off=off)
             self.loop_task: asyncio.Task | None = None
@@ -738,10 +1026,18 @@ def controller_actor_class() -> Any:
                 self.loop_task = asyncio.get_running_loop().create_task(self._recover())
 
         async def _recover(self) -> None:
-            try:
-                await asyncio.to_thread(self.core.bootstrap)
-            except Exception as exc:
-                self.core.event("recover_failed", error=f"{type(exc).__name__}: {exc}")
+            """Rebuild the fleet from the engines' stamps; engines that do not answer yet (a
+            loaded cluster, a replica Serve is replacing) make it wait and try again."""
+            wait, longest = RECOVER_RETRY_S
+            while True:
+                try:
+                    await asyncio.to_thread(self.core.bootstrap)
+                    break
+                except Exception as exc:
+                    self.core.event("recover_failed", error=f"{type(exc).__name__}: {exc}",
+                                    retry_in_s=wait)
+                await asyncio.sleep(wait)
+                wait = min(longest, 2 * wait)
             await self._loop()
 
         async def _loop(self) -> None:
@@ -756,9 +1052,16 @@ def controller_actor_class() -> Any:
             self._ensure_started()
             self.core.ingest(batch)
 
+        async def ingest_offered(self, batch: dict[str, Any]) -> None:
+            self._ensure_started()
+            self.core.ingest_offered(batch)
+
         async def routing_update(self, ingress: str, state: dict[str, Any]) -> Any:
             self._ensure_started()
             return self.core.routing_update(ingress, state)
+
+        async def history(self, since: float = -math.inf) -> list[dict[str, Any]]:
+            return self.core.history(since)
 
         async def role(self, endpoint: str) -> ReplicaSpec | None:
             return self.core.roles.get(endpoint)

@@ -55,14 +55,12 @@ def read_added(path: str | Path) -> list[Any]:
 
 
 def _controller(state_dir: str | None) -> Any:
-    from orchestrator.controller import get_controller
-    from orchestrator.deploy import DeployError, DeployState, connect, state_path
+    from orchestrator.deploy import DeployError, DeployState, live_controller, state_path
 
     state = DeployState.read(state_path(state_dir))
     if not state.controller:
         raise DeployError("this deployment has no controller (deployed by an older lorafleet)")
-    connect(state.address)
-    return get_controller(state.controller)
+    return live_controller(state)
 
 
 def _ask(call: Any, timeout_s: float) -> Any:

@@ -355,6 +355,37 @@ def _disconnect() -> None:
         pass
 
 
+def lorafleet_apps() -> list[str]:
+    """Every Serve application lorafleet runs on the connected cluster: the ingress and each
+    controller-managed engine (found by name, whether or not a controller still knows them)."""
+    from ray import serve
+
+    from orchestrator.controller import ENGINE_APP_PREFIX
+    from orchestrator.serve_app import APP_NAME
+
+    return sorted(n for n in serve.status().applications
+                  if n == APP_NAME or n.startswith(ENGINE_APP_PREFIX))
+
+
+def live_controller(state: DeployState) -> Any:
+    """The deployment's controller actor, or a DeployError that says what still runs without
+    it and how to remove it (a controller killed without restart leaves its engines running:
+    on a GPU cluster, GPUs nobody manages)."""
+    from orchestrator.controller import get_controller
+
+    connect(state.address)
+    try:
+        return get_controller(state.controller)
+    except ValueError:
+        apps = lorafleet_apps()
+        running = (f"{len(apps)} lorafleet Serve application(s) still run "
+                   f"({', '.join(apps[:6])}{' ...' if len(apps) > 6 else ''})" if apps
+                   else "no lorafleet application runs")
+        raise DeployError(f"the controller {state.controller!r} is not running (it was killed "
+                          f"and not restarted); {running}. `lorafleet shutdown` removes them; "
+                          "then deploy again") from None
+
+
 def collect_reports(state: DeployState, window_s: float | None = None) -> dict[str, Any]:
     """Every engine replica's telemetry report (see ReplicaCore.report), keyed "group/copy".
     Under a controller the replicas are the ones it runs now, not those recorded at deploy."""
@@ -365,10 +396,9 @@ def collect_reports(state: DeployState, window_s: float | None = None) -> dict[s
     if state.controller:
         import ray
 
-        from orchestrator.controller import get_controller
         from orchestrator.serve_app import ENGINE_DEPLOYMENT
 
-        members = ray.get(get_controller(state.controller).status.remote(), timeout=60)["members"]
+        members = ray.get(live_controller(state).status.remote(), timeout=60)["members"]
         for ep, m in members.items():
             handles[m["replica"]] = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ep)
     else:
@@ -390,10 +420,7 @@ def controller_status(state: DeployState) -> dict[str, Any] | None:
         return None
     import ray
 
-    from orchestrator.controller import get_controller
-
-    connect(state.address)
-    return ray.get(get_controller(state.controller).status.remote(), timeout=60)
+    return ray.get(live_controller(state).status.remote(), timeout=60)
 
 
 def _stop_controller(name: str, progress: Callable[[str], None]) -> None:
@@ -414,12 +441,17 @@ def _stop_controller(name: str, progress: Callable[[str], None]) -> None:
 
 
 def shutdown(state_dir: str | Path | None = None,
-             progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Delete the Serve app, stop the head deploy started, remove the state file."""
+             progress: Callable[[str], None] = lambda _m: None,
+             timeout_s: float = 120.0) -> dict[str, Any]:
+    """Stop the controller, delete every lorafleet Serve application it left (found by name,
+    so engines of a dead controller go too), stop the head ``deploy`` started, and remove the
+    state file - only once nothing lorafleet started is left (``remaining_apps`` otherwise,
+    and the state file stays so a second ``shutdown`` can finish the job)."""
     path = state_path(state_dir)
     state = DeployState.read(path)
     head = state.local_head()
     result: dict[str, Any] = {"address": state.address, "head_pid": head.pid if head else None}
+    remaining: list[str] = []
     if head is None or head.alive():
         try:
             from ray import serve
@@ -427,12 +459,20 @@ def shutdown(state_dir: str | Path | None = None,
             connect(state.address)
             if state.controller:
                 _stop_controller(state.controller, progress)
-            progress(f"deleting Serve application {state.app_name!r}")
-            serve.delete(state.app_name)
+            apps = lorafleet_apps()
+            progress(f"deleting {len(apps)} Serve application(s)")
+            for name in apps:
+                serve.delete(name, _blocking=False)
+            deadline = time.monotonic() + timeout_s
+            while (remaining := lorafleet_apps()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            result["deleted_apps"] = apps
             if head is not None:
                 serve.shutdown()
         except Exception as exc:  # the cluster may already be gone
             result["serve_error"] = f"{type(exc).__name__}: {exc}"
+            if head is None:  # a remote cluster we could not clean: say so, keep the record
+                remaining = ["(unknown: could not reach the cluster)"]
         _disconnect()
     if head is not None:
         progress(f"stopping the Ray head (pid {head.pid})")
@@ -440,5 +480,8 @@ def shutdown(state_dir: str | Path | None = None,
         result["killed"] = killed
         leftovers = [p for p in head.descendants if _pid_alive(p)]
         result["leftover_pids"] = leftovers
-    path.unlink(missing_ok=True)
+        remaining = []  # the head and everything on it are gone
+    result["remaining_apps"] = remaining
+    if not remaining:
+        path.unlink(missing_ok=True)
     return result

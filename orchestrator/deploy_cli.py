@@ -260,8 +260,14 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     left = result.get("leftover_pids") or []
+    apps = result.get("remaining_apps") or []
+    deleted = result.get("deleted_apps")
     Console().print(Text(
         f"shut down {result['address']}"
+        + (f"; {len(deleted)} Serve application(s) deleted" if deleted is not None else "")
         + (f"; head pid {result['head_pid']} stopped" if result.get("head_pid") else "")
-        + (f"; WARNING leftover pids {left}" if left else "; no processes left")))
-    return 0 if not left else 1
+        + (f"; WARNING leftover pids {left}" if left else "; no processes left")
+        + (f"; WARNING still running: {', '.join(apps)} (the deployment record is kept: run "
+           "`lorafleet shutdown` again)" if apps else "")
+        + (f"; {result['serve_error']}" if result.get("serve_error") else "")))
+    return 0 if not left and not apps else 1

@@ -1,4 +1,4 @@
-"""Has the live workload drifted from the one the current plan was made for? (issue #6)
+"""Has the live workload drifted from the one the current plan was made for? (issue #6, #16)
 
 Re-planning costs adapter moves and replica restarts, so it must not fire on noise. Every
 rate-based test therefore asks two questions: is the change large (a relative threshold), and is
@@ -13,8 +13,12 @@ single test. Checks, each adding one human-readable reason:
 * the hot set (the ``hot_k`` busiest adapters, which placement splits over replicas): adapters
   entering or leaving it count only if their own rate changed (large and significant), since
   near-equal adapters swap ranks on noise alone;
-* each adapter's rate (adapters under ``min_rate_rps`` on both sides are ignored);
-* live-vs-predicted gaps per replica (throughput either way, TTFT only when worse).
+* each adapter's rate (adapters under ``min_rate_rps`` on both sides are ignored).
+
+The rates are the *offered* load, counted at the ingress. What the engines report describes
+service: a live throughput or TTFT off the twin's is a calibration gap (``calibration_notes``
+reports it), never drift - more replicas do not make a slow engine fast. Missing capacity shows
+as a queue that grows (``queue_growth``), which the controller treats as evidence on its own.
 
 A step in the load inside the window would otherwise be averaged with the traffic before it, and
 the estimate would creep towards the new rate for a whole window: the fleet would be sized for
@@ -25,7 +29,7 @@ change-point search over binned counts) so the estimate can rest on the traffic 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -46,13 +50,14 @@ class DriftConfig:
     z: float = 4.0
     total_rate_change: float = 0.2
     hot_k: int = 5
-    gap: float = 0.3
+    gap: float = 0.3  # a live figure this far off the twin's is reported as a calibration gap
     change_bin_s: float = 1.0  # bin width of the change-point search (telemetry comes ~1/s)
-    change_min_s: float = 5.0  # evidence needed after a change point before it is used
+    change_min_s: float = 6.0  # evidence needed after a change point before it is used
+    queue_growth: float = 16.0  # waiting requests a replica's queue must gain to count as growing
 
     def __post_init__(self) -> None:
         for name in ("rel_rate_change", "z", "total_rate_change", "gap", "change_bin_s",
-                     "change_min_s"):
+                     "change_min_s", "queue_growth"):
             value = getattr(self, name)
             if not _number(value) or value <= 0:
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
@@ -117,14 +122,11 @@ def detect_drift(
     cfg: DriftConfig | None = None,
     *,
     registered_unplaced: Collection[str] = (),
-    gaps: Mapping[str, float] | None = None,
 ) -> Drift:
     """Compare the estimate with the plan's workload (module notes).
 
-    ``window_s``: seconds of traffic the estimate rests on (the judged span, not the nominal
-    window, right after a re-plan). ``registered_unplaced``: adapter ids registered but not in
-    the plan. ``gaps``: ``"<replica> <metric>" -> live / predicted - 1`` (see ``replica_gaps``);
-    metric ``ttft`` fires only when live is worse, any other metric either way.
+    ``window_s``: seconds of traffic the estimate rests on (the judged span, or the part after
+    a step in the load). ``registered_unplaced``: adapter ids registered but not in the plan.
     """
     cfg = cfg or DriftConfig()
     if not _number(window_s) or window_s <= 0:
@@ -180,7 +182,16 @@ def detect_drift(
     if len(moved) > MAX_LISTED:
         reasons.append(f"... and {len(moved) - MAX_LISTED} more adapters changed rate")
 
-    fired_gaps: dict[str, float] = {}
+    return Drift(drifted=bool(reasons), reasons=tuple(reasons), details=details)
+
+
+def calibration_notes(gaps: Mapping[str, float] | None, cfg: DriftConfig | None = None
+                      ) -> list[str]:
+    """Live figures off the twin's by more than ``cfg.gap``: one line each, for ``status`` and
+    the events, never a reason to re-plan (module notes). ``gaps``: ``"<replica> <metric>" ->
+    live / predicted - 1`` (``replica_gaps``); ``ttft`` is reported only when live is worse."""
+    cfg = cfg or DriftConfig()
+    notes: list[str] = []
     for key, g in sorted((gaps or {}).items()):
         if not _number(g):
             continue
@@ -188,15 +199,35 @@ def detect_drift(
         replica = replica or key
         worse_only = metric == "ttft"
         if (g > cfg.gap) if worse_only else (abs(g) > cfg.gap):
-            fired_gaps[key] = g
             label = _GAP_LABELS.get(metric, metric or "figure")
             side = "above" if g > 0 else "below"
-            reasons.append(
-                f"replica {replica}: live {label} {abs(g) * 100:.0f} % {side} prediction"
-            )
-    details["gaps"] = fired_gaps
+            notes.append(f"replica {replica}: live {label} {abs(g) * 100:.0f} % {side} the "
+                         f"twin's (calibration gap)")
+    return notes
 
-    return Drift(drifted=bool(reasons), reasons=tuple(reasons), details=details)
+
+def queue_growth(series: Sequence[tuple[float, int]], cfg: DriftConfig | None = None
+                 ) -> float | None:
+    """How many waiting requests a replica's queue gained over ``series`` (``(t, waiting)``,
+    oldest first), when it grows: the least-squares slope x the span is at least
+    ``cfg.queue_growth`` and so is the last value. None when it does not grow (a steady or
+    draining queue, or fewer than three points). A backlog that drains after a transition has
+    a falling slope; a replica that cannot keep up gains waiting requests at a steady rate."""
+    cfg = cfg or DriftConfig()
+    if len(series) < 3:
+        return None
+    ts = [t for t, _ in series]
+    ws = [float(w) for _, w in series]
+    n = len(ts)
+    tm, wm = sum(ts) / n, sum(ws) / n
+    var = sum((t - tm) ** 2 for t in ts)
+    if var <= 0:
+        return None
+    slope = sum((t - tm) * (w - wm) for t, w in zip(ts, ws, strict=True)) / var
+    gained = slope * (ts[-1] - ts[0])
+    if gained >= cfg.queue_growth and ws[-1] >= cfg.queue_growth:
+        return gained
+    return None
 
 
 def _split_llr(prefix: list[float], k: int) -> float:
@@ -217,7 +248,11 @@ def _split_llr(prefix: list[float], k: int) -> float:
 def _best_split(series: Mapping[str, list[float]], lo: int, hi: int, cfg: DriftConfig,
                 min_left: int, min_right: int, total: str) -> int | None:
     """The most likely step inside bins [lo, hi) over all series, if one is real (z on the
-    family of series x splits) and large (the total's or an adapter's relative threshold)."""
+    family of series x splits), large (the total's or an adapter's relative threshold) and
+    lasting: the later half of the traffic after it must still differ from the traffic before
+    it as much, in the same direction. A stall that delays arrivals and then releases them in a
+    burst (a busy ingress, a transition) looks like a step up for a few seconds and conserves
+    the count; it is not a change in the offered load."""
     splits = range(lo + min_left, hi - min_right + 1)
     if not splits:
         return None
@@ -234,6 +269,11 @@ def _best_split(series: Mapping[str, list[float]], lo: int, hi: int, cfg: DriftC
             before, after = prefix[j] / j, (prefix[-1] - prefix[j]) / (len(seg) - j)
             if (max(before, after) < cfg.min_rate_rps * cfg.change_bin_s
                     or abs(after - before) <= rel * max(before, 1e-12)):
+                continue
+            h = j + (len(seg) - j) // 2
+            late = (prefix[-1] - prefix[h]) / (len(seg) - h)
+            if (late - before) * (after - before) <= 0 or abs(late - before) <= rel * max(
+                    before, 1e-12):
                 continue
             llr = _split_llr(prefix, j)
             if llr > best:
@@ -277,7 +317,7 @@ def latest_change(bins: list[Mapping[str, float]], cfg: DriftConfig | None = Non
 def replica_gaps(
     replica: str, live: Mapping[str, Any], predicted: Mapping[str, Any]
 ) -> dict[str, float]:
-    """``detect_drift``'s ``gaps`` entries of one replica: ``live / predicted - 1`` for its
+    """``calibration_notes``' ``gaps`` entries of one replica: ``live / predicted - 1`` for its
     throughput and TTFT. ``live`` is ``WorkloadWindow.live_metrics``; ``predicted`` a plan
     group's verified (or predicted) figures. The plan carries no TTFT mean, so a missing
     ``ttft_mean_ms`` falls back to ``ttft_p50_ms``. Figures missing or zero on either side are

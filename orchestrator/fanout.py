@@ -14,6 +14,11 @@ come back in job order; ``progress(done_jobs, total_jobs)`` is called after each
 A job's exception is re-raised in the caller (its own type, when it can be pickled) with a note
 naming the job's index and the remote traceback.
 
+Waits are bounded: a cluster with no CPU free for a task (every CPU reserved by replicas), tasks
+that do not finish for ``stall_timeout_s`` and tasks that die with their worker or node make the
+jobs left run in the calling process instead; ``on_fallback(reason)`` says so. A controller that
+waits on twin tasks therefore never wedges.
+
 The remote function is defined on first use, so importing this module needs no running Ray.
 """
 
@@ -26,6 +31,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twin.parallel import Mapper, Progress
+
+DEFAULT_STALL_TIMEOUT_S = 60.0  # no twin task finished for this long: run the rest here
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -69,11 +76,18 @@ def _remote_batch() -> Any:
 
 
 def ray_map(
-    *, batch_size: int = 1, max_in_flight: int | None = None, num_cpus: float = 1
+    *, batch_size: int = 1, max_in_flight: int | None = None, num_cpus: float = 1,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    on_fallback: Callable[[str], None] | None = None,
 ) -> Mapper:
     """A mapper running ``fn`` over the jobs as Ray tasks of ``batch_size`` jobs each, at most
     ``max_in_flight`` tasks outstanding (default: cluster CPUs / ``num_cpus``), each task asking
-    for ``num_cpus`` CPUs. Needs ``ray.is_initialized()`` when called."""
+    for ``num_cpus`` CPUs. Needs ``ray.is_initialized()`` when called.
+
+    It never waits without bound: when the cluster has no ``num_cpus`` free (replicas reserved
+    them all), when no task finishes for ``stall_timeout_s`` (tasks that cannot be scheduled,
+    a lost node) or when a task dies (not a job's own exception, which is raised), the jobs left
+    run in this process instead, and ``on_fallback(reason)`` says why."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     if max_in_flight is not None and (
@@ -84,6 +98,8 @@ def ray_map(
         )
     if not num_cpus >= 0:
         raise ValueError(f"num_cpus: must be >= 0, got {num_cpus!r}")
+    if not stall_timeout_s > 0:
+        raise ValueError(f"stall_timeout_s: must be > 0, got {stall_timeout_s!r}")
 
     def mapper(
         fn: Callable[[J], R], jobs: Sequence[J], progress: Progress | None = None
@@ -99,35 +115,72 @@ def ray_map(
         total = len(jobs)
         if total == 0:
             return []
+        results: list[Any] = [None] * total
+        done = 0
+        told = False
+
+        def local(starts: Sequence[int], why: str) -> None:
+            """Run the batches at ``starts`` in this process (the bounded-wait fallback); the
+            first fallback of a call is reported, the rest of that call would repeat it."""
+            nonlocal done, told
+            if on_fallback and not told:
+                on_fallback(why)
+                told = True
+            for s in starts:
+                chunk = jobs[s:s + batch_size]
+                out, failure = _run_batch(fn, s, chunk)
+                if failure is not None:
+                    index, exc, tb = failure
+                    if exc is None:
+                        raise FanoutError(f"ray_map: raised by job {index} (of {total}) run "
+                                          f"locally; traceback:\n{tb}", index)
+                    raise exc
+                results[s:s + len(chunk)] = out
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+
+        starts = list(range(0, total, batch_size))
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if num_cpus > 0 and free < num_cpus:
+            local(starts, f"no CPU free for twin tasks ({free:g} available, each needs "
+                          f"{num_cpus:g}): ran {total} twin run(s) in this process")
+            return results
         limit = max_in_flight
         if limit is None:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             limit = max(1, int(cpus / num_cpus) if num_cpus > 0 else int(cpus))
         remote = _remote_batch().options(num_cpus=num_cpus)
         fn_ref = ray.put(fn)  # shipped once, not with every task
-        starts = list(range(0, total, batch_size))
-        results: list[Any] = [None] * total
         pending: dict[Any, int] = {}  # task ref -> index of its first job
         next_batch = 0
-        done = 0
         try:
             while next_batch < len(starts) or pending:
                 while next_batch < len(starts) and len(pending) < limit:
                     s = starts[next_batch]
                     pending[remote.remote(fn_ref, s, jobs[s:s + batch_size])] = s
                     next_batch += 1
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=stall_timeout_s)
+                if not ready:  # nothing finished for a whole stall: stop waiting on the cluster
+                    left = sorted(pending.values()) + starts[next_batch:]
+                    next_batch = len(starts)
+                    for ref in list(pending):
+                        with contextlib.suppress(Exception):
+                            ray.cancel(ref)
+                    pending.clear()
+                    local(left, f"no twin task finished within {stall_timeout_s:g} s (tasks "
+                                f"not scheduled or a node lost): ran {len(left)} batch(es) in "
+                                "this process")
+                    break
                 for ref in ready:
                     s = pending.pop(ref)
                     n = min(batch_size, total - s)
                     try:
                         out, failure = ray.get(ref)
-                    except Exception as exc:  # the task itself failed (worker died, ...)
-                        last = f"-{s + n - 1}" if n > 1 else ""
-                        raise FanoutError(
-                            f"ray_map: the task running job {s}{last} (of {total}) failed: "
-                            f"{type(exc).__name__}: {exc}", s
-                        ) from exc
+                    except Exception as exc:  # the task itself died (worker or node lost)
+                        local([s], f"the twin task running job {s} failed "
+                                   f"({type(exc).__name__}); ran it in this process")
+                        continue
                     if failure is not None:
                         index, exc, tb = failure
                         where = f"ray_map: raised by job {index} (of {total}) in a Ray task"

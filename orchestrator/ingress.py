@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
@@ -45,6 +46,7 @@ from orchestrator.openai_schema import (
     usage,
 )
 from orchestrator.routing import ReplicaId, RoutingTable
+from orchestrator.telemetry import RequestRecord, Telemetry
 
 REPLICA_HEADER = "x-lorafleet-replica"
 ENGINE_HEADER = "x-lorafleet-engine"
@@ -78,6 +80,9 @@ class IngressCore:
         self.in_flight: dict[Hashable, int] = {}
         self.by_version: dict[int, int] = {}  # requests in flight per routing version picked
         self.retried = 0  # requests re-sent to another copy after their replica failed
+        # the offered load, counted where each client request arrives exactly once (retries
+        # and re-routes never count again): what the controller's workload estimate reads
+        self.offered = Telemetry()
         reg = self.registry = CollectorRegistry()
         self.m_requests = Counter("lorafleet_requests", "requests by model, replica and status",
                                   ["model", "replica", "status"], registry=reg)
@@ -160,6 +165,25 @@ class IngressCore:
 
     def adapter_of(self, model: str) -> str | None:
         return None if model == self.table.base_model else model
+
+    # -- the offered load ------------------------------------------------------------------
+    def arrived(self, model: str) -> float:
+        """Count one client request of ``model`` (once, at arrival); returns its arrival."""
+        return self.offered.arrived(self.adapter_of(model) or "")
+
+    def settled(self, model: str, arrival: float, *, ok: bool, first: float = math.nan,
+                prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """The end of a request counted by ``arrived`` (its tokens when it succeeded)."""
+        now = self.offered.clock()
+        self.offered.finished(RequestRecord(self.adapter_of(model) or "", arrival, first,
+                                            now if ok else math.nan, int(prompt_tokens),
+                                            int(output_tokens), ok))
+
+    def take_offered(self, source: str) -> dict[str, Any]:
+        """The arrivals (and completions) since the last call, as a telemetry batch of
+        ``source`` (``workload_window.TelemetryBatch``): what the ingress pushes."""
+        return {"replica": source, **self.offered.take_batch(),
+                "running": sum(self.in_flight.values()), "waiting": 0, "adapters_held": []}
 
     # -- dispatch -------------------------------------------------------------------------
     async def complete(self, model: str, req: GenerateRequest) -> tuple[ReplicaId, dict]:
@@ -358,17 +382,27 @@ def build_api(core: IngressCore) -> FastAPI:
                   chat: bool) -> Response:
         model = body.model
         core.authorize(request.headers.get("authorization"), model)
+        arrival = core.arrived(model)
         rid_text = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         req = body.to_generate(rid_text, core.adapter_of(model))
+        t0 = core.clock()
+        try:
+            if not body.stream:
+                rid, result = await core.complete(model, req)
+            else:
+                stream = await core.open_stream(model, req)
+        except BaseException:
+            core.settled(model, arrival, ok=False)
+            raise
         if not body.stream:
-            rid, result = await core.complete(model, req)
+            core.settled(model, arrival, ok=True,
+                         prompt_tokens=result.get("prompt_tokens", 0),
+                         output_tokens=result.get("completion_tokens", 0))
             return JSONResponse(completion_body(rid_text, model, result, chat),
                                 headers=_headers(rid, result.get("engine", engine)))
-        t0 = core.clock()
-        stream = await core.open_stream(model, req)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(core, model, stream, rid_text, chat, include_usage, t0),
+            _sse(core, model, stream, rid_text, chat, include_usage, t0, arrival),
             media_type="text/event-stream",
             headers=_headers(stream.rid, stream.first.get("engine", engine)),
         )
@@ -412,11 +446,13 @@ def build_api(core: IngressCore) -> FastAPI:
 
 
 async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: str, chat: bool,
-               include_usage: bool, t0: float) -> AsyncIterator[str]:
+               include_usage: bool, t0: float, arrival: float) -> AsyncIterator[str]:
     """OpenAI server-sent events: chunks, optional usage chunk, ``[DONE]``."""
     rid, first, it = stream.rid, stream.first, stream.rest
     created = int(time.time())
     n_out, status, got_first = 0, 200, False
+    first_at = math.nan
+    served = False  # ended normally (not an error, an abort or a client gone mid-stream)
     try:
         if chat:
             yield _event(chunk_body(request_id, model, created, True, "", None, role=True))
@@ -424,6 +460,7 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
             try:
                 item = await asyncio.wait_for(it.__anext__(), core.timeout_s)
             except StopAsyncIteration:
+                served = True
                 break
             except TimeoutError:
                 status = 503
@@ -442,11 +479,13 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
                 break
             if item["n"] and not got_first:
                 got_first = True
+                first_at = core.offered.clock()
                 core.m_ttft.labels(str(rid)).observe(core.clock() - t0)
             n_out += item["n"]
             yield _event(chunk_body(request_id, model, created, chat, item["text"],
                                     item["finish_reason"]))
             if item["finish_reason"] is not None:
+                served = item["finish_reason"] != "abort"
                 break
         if include_usage:
             body = chunk_body(request_id, model, created, chat, None, None)
@@ -457,6 +496,8 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
     finally:
         core._release(stream.target)
         await _close(it)
+        core.settled(model, arrival, ok=status == 200 and served, first=first_at,
+                     prompt_tokens=int(first.get("prompt_tokens", 0)), output_tokens=n_out)
         core._count(model, rid, status)
         core.m_latency.labels(str(rid)).observe(core.clock() - t0)
         core.m_tokens.labels(model, "prompt").inc(int(first.get("prompt_tokens", 0)))

@@ -1,12 +1,16 @@
-"""Re-planning for the estimated workload, and whether the new plan is worth the move (issue #6).
+"""Re-planning for the estimated workload, and whether the new plan is worth the move (#6, #16).
 
 ``replan`` plans the estimated workload at each target utilisation, re-rates the current
-placement to the same workload (what keeping it would give), verifies all of them with the
-caller's twin verification in one call, and scores them on the verified figures. A new plan is
-applied only if it beats keeping the current one by ``margin`` plus the cost of moving there
-(adapters that change replicas, replicas to start): twin scores carry noise, and every move
-disturbs live traffic, so near-ties must keep the current plan. One exception: if the current
-placement starves at the new load and a candidate does not, the candidate applies regardless.
+placement to the same workload (what keeping it would give), shrinks that placement in place
+where the load allows (``placement.consolidate``: dropped copies, merged groups, few adapters
+moved), verifies all of them with the caller's twin verification in one call, and scores them on
+the verified figures. A new plan is applied only if it beats keeping the current one by
+``margin`` plus the cost of moving there, in replica-seconds over the horizon a saved replica
+pays back (``ReplanConfig``): twin scores carry noise and every move disturbs live traffic, so
+near-ties keep the current plan, while a fleet that is replicas too large always comes back.
+Exceptions: if the current placement starves at the new load and a candidate does not, the
+candidate applies regardless; with live evidence that the fleet does not keep up
+(``current_fails``), the cheapest candidate with more replicas applies.
 
 Pure functions over ``placement`` objects; the Ray controller supplies ``verify`` (fan-out over
 the cluster) and applies the decision.
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from placement.consolidate import consolidate
 from placement.errors import PlacementError
 from placement.plan import PlacedAdapter, Plan, WorkloadRef, normalise_metrics
 from placement.planner import check_budget, make_plan, prepare
@@ -32,13 +37,19 @@ from twin.workload import AdapterSpec, Workload
 
 Verify = Callable[[Sequence[Plan]], list[Plan]]  # the caller's twin verification
 CURRENT = "current"
+CONSOLIDATED = "consolidated"  # the current placement with copies dropped / groups merged
 
 
 @dataclass(frozen=True)
 class ReplanConfig:
-    """Planning policy and the score/move-cost units (score units: one replica = 1 by default).
+    """Planning policy, score units and what a move costs.
 
-    ``ttft_weight``: score per second the worst replica's TTFT p99 exceeds ``ttft_slo_s``.
+    Scores are in replicas (one replica = ``replica_cost``); ``ttft_weight``: score per second
+    the worst replica's TTFT p99 exceeds ``ttft_slo_s``. A move is priced in replica-seconds
+    (each adapter that moves disturbs ``adapter_move_s``, each replica started costs
+    ``replica_start_s`` of a replica that serves nothing yet) and set against what a better plan
+    saves over ``payback_s``: a replica released is worth ``payback_s`` replica-seconds, so a
+    fleet that is too large comes back even when every adapter moves.
     """
 
     policy: str = "lorafleet"
@@ -47,8 +58,9 @@ class ReplanConfig:
     starved_cost: float = 100.0
     ttft_slo_s: float = 10.0
     ttft_weight: float = 0.1
-    move_cost_per_adapter: float = 0.02
-    move_cost_per_replica_start: float = 0.25
+    adapter_move_s: float = 2.0
+    replica_start_s: float = 60.0
+    payback_s: float = 1800.0
     margin: float = 0.1
 
     def __post_init__(self) -> None:
@@ -60,13 +72,15 @@ class ReplanConfig:
                 f"target_utilisations: must be a non-empty list within (0, 1], got {utils!r}"
             )
         object.__setattr__(self, "target_utilisations", utils)
-        for name in ("replica_cost", "starved_cost", "ttft_weight", "move_cost_per_adapter",
-                     "move_cost_per_replica_start", "margin"):
+        for name in ("replica_cost", "starved_cost", "ttft_weight", "adapter_move_s",
+                     "replica_start_s", "margin"):
             value = getattr(self, name)
             if not _num(value) or value < 0:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-        if not _num(self.ttft_slo_s) or self.ttft_slo_s <= 0:
-            raise ValueError(f"ttft_slo_s: must be a finite number > 0, got {self.ttft_slo_s!r}")
+        for name in ("ttft_slo_s", "payback_s"):
+            value = getattr(self, name)
+            if not _num(value) or value <= 0:
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
 
 
 def _n(count: int, noun: str) -> str:
@@ -183,6 +197,12 @@ def candidate_plans(
     return [p for _, p in _labelled_candidates(workload, ctx, cfg or ReplanConfig())]
 
 
+def _placement(plan: Plan) -> tuple:
+    """Which adapters share a replica, on which config, how many times (rates aside)."""
+    return tuple(sorted((tuple(sorted(g.adapter_ids)), g.copies, repr(g.engine))
+                        for g in plan.groups))
+
+
 def _signature(plan: Plan) -> tuple:
     return tuple(
         (g.engine, g.copies, tuple((a.id, round(a.rate_rps, 9)) for a in g.adapters))
@@ -224,14 +244,16 @@ def move_cost(old: Plan, new: Plan, cfg: ReplanConfig | None = None) -> MoveCost
     """Adapters moved: new ones, and those whose multiset of serving engine configs (copies
     counted) changes. Replicas: per engine config, the difference in replica count; replicas
     with an unchanged config are re-targeted to their new adapters without a restart, so only
-    the difference starts or stops. Stops cost nothing (they save)."""
+    the difference starts or stops. The cost is in replicas (score units): the replica-seconds
+    the move disturbs over ``payback_s``. Stops cost nothing (they save)."""
     cfg = cfg or ReplanConfig()
     moved = sum(1 for a in new.routing
                 if a not in old.routing or _serving(old, a) != _serving(new, a))
     before, after = _replicas_by_config(old), _replicas_by_config(new)
     started = sum(max(0, n - before.get(c, 0)) for c, n in after.items())
     stopped = sum(max(0, n - after.get(c, 0)) for c, n in before.items())
-    cost = moved * cfg.move_cost_per_adapter + started * cfg.move_cost_per_replica_start
+    seconds = moved * cfg.adapter_move_s + started * cfg.replica_start_s
+    cost = cfg.replica_cost * seconds / cfg.payback_s
     return MoveCost(moved, started, stopped, round(cost, 9))
 
 
@@ -278,13 +300,23 @@ def replan(
     current: Plan | None,
     cfg: ReplanConfig | None,
     verify: Verify,
+    *,
+    current_fails: str | None = None,
 ) -> Decision:
     """Plan ``workload``, verify the candidates and the re-rated current plan in ONE ``verify``
-    call, and decide (module notes). Raises ``PlacementError`` if no candidate can be planned."""
+    call, and decide (module notes). Raises ``PlacementError`` if no candidate can be planned.
+
+    ``current_fails``: live evidence that the current fleet does not keep up whatever the twin
+    says of it (a queue that grows, in words): only a candidate with more replicas may win."""
     cfg = cfg or ReplanConfig()
     t0 = time.perf_counter()
     labelled = _labelled_candidates(workload, ctx, cfg)
     rerated = rerate(current, _plannable(workload), predictor=ctx.predictor) if current else None
+    if rerated is not None and current_fails is None:
+        tight = replace(ctx, target_utilisation=max(cfg.target_utilisations))
+        shrunk = consolidate(rerated, tight)
+        if shrunk.replicas < rerated.replicas:
+            labelled.append((CONSOLIDATED, shrunk))
     plan_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -330,6 +362,15 @@ def replan(
                     f"the current plan {what}: applying {describe(best)}")
 
     assert current_score is not None
+    if current_fails is not None:
+        # the candidates were planned with the capacity the evidence leaves; any of them that
+        # places the adapters differently (more replicas, or the hot ones apart) is a remedy
+        other = [lb for lb, p in cands if _placement(p) != _placement(current)]
+        if not other:
+            return done(False, best, moves[best], f"{current_fails}, but every candidate plan "
+                        "places the adapters as the current one does: keeping it")
+        pick = min(other, key=lambda lb: (*total(lb), lb))
+        return done(True, pick, moves[pick], f"{current_fails}: applying {describe(pick)}")
     if kept.starved_replicas() > 0:
         fed = [lb for lb, p in cands if p.starved_replicas() == 0]
         if fed:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,6 +93,7 @@ class ReplicaCore:
         self.spec = spec
         self.backend = backend or make_backend(spec)
         self.telemetry = Telemetry()
+        self.instance = uuid.uuid4().hex[:12]  # this process: a replaced replica has another
         self.info: dict[str, Any] = {}
         self.name = str(spec.replica_id)
 
@@ -170,7 +172,8 @@ class ReplicaCore:
         """The telemetry counts since the last call (``workload_window.TelemetryBatch``)."""
         running, waiting = self.backend.queue_depth()
         return {"replica": endpoint, **self.telemetry.take_batch(), "running": running,
-                "waiting": waiting, "adapters_held": list(self.backend.loaded_adapters())}
+                "waiting": waiting, "adapters_held": list(self.backend.loaded_adapters()),
+                "instance": self.instance}
 
     def report(self, window_s: float | None = None) -> dict[str, Any]:
         """Telemetry snapshot + what the replica holds + its queue + the plan's prediction."""

@@ -19,6 +19,7 @@ as deployed, no controller; ``build_application(spec)`` builds the same for test
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -212,15 +213,24 @@ class IngressDeployment:
         return ends, clients
 
     async def _poll_loop(self, controller: tuple[str, str]) -> None:
+        """Poll for routing tables; every ``PUSH_INTERVAL_S`` also push the offered load this
+        ingress counted (arrivals per adapter, each client request once) - what the
+        controller's workload estimate reads. A push that fails is lost, like an engine's: the
+        controller sees the gap in this ingress's coverage and does not re-plan on it."""
         import ray
 
         me = serve.get_replica_context().replica_id.unique_id
         actor = None
+        last_push = time.monotonic()
         while True:
             await asyncio.sleep(ROUTING_POLL_S)
             try:
                 if actor is None:
                     actor = ray.get_actor(controller[0], namespace=controller[1])
+                if time.monotonic() - last_push >= PUSH_INTERVAL_S:
+                    last_push = time.monotonic()
+                    await asyncio.wait_for(actor.ingest_offered.remote(
+                        self.core.take_offered(me)), PUSH_TIMEOUT_S)
                 update = await asyncio.wait_for(
                     actor.routing_update.remote(me, self.core.drain_state()), PUSH_TIMEOUT_S)
             except Exception:  # controller away: keep routing by the table we have

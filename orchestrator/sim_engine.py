@@ -46,6 +46,7 @@ from twin.profile import Profile
 
 PLACEHOLDER_WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " fleet", " twin", " step")
 CHARS_PER_TOKEN = 4
+MAX_CATCH_UP_S = 2.0  # host stalls up to this long do not cost the simulated engine throughput
 
 
 def count_text_tokens(text: str) -> int:
@@ -229,7 +230,11 @@ class SimEngine:
             if not batch:  # everything waiting is blocked by the LoRA rule: cannot happen twice
                 await asyncio.sleep(0.001)
                 continue
-            next_t = max(next_t, loop.time()) + self._step_ms(batch) / 1e3 / self.time_scale
+            # the engine keeps the twin's timeline: a step that started late (the host was
+            # busy: a shared test machine, not the GPU this stands for) is caught up by the
+            # next ones, up to MAX_CATCH_UP_S behind; a longer stall is lost time
+            next_t = max(next_t, loop.time() - MAX_CATCH_UP_S) + (
+                self._step_ms(batch) / 1e3 / self.time_scale)
             await asyncio.sleep(max(0.0, next_t - loop.time()))
             self.steps += 1
             for s, n in batch:

@@ -37,6 +37,7 @@ BASE_MODEL = ""  # the adapter id of base-model requests
 
 _COUNT_MAPS = ("arrivals", "finished", "prompt_tokens", "output_tokens")
 _INTS = ("failed", "running", "waiting")
+_OPTIONAL = ("adapters_held", "instance")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class TelemetryBatch:
     running: int  # queue depth at t_end
     waiting: int
     adapters_held: tuple[str, ...] = ()  # adapters the engine currently has loaded
+    instance: str = ""  # the replica process (a new one: Serve replaced the replica)
 
     def __post_init__(self) -> None:
         if not isinstance(self.replica, str) or not self.replica:
@@ -85,6 +87,8 @@ class TelemetryBatch:
             if not isinstance(a, str):
                 raise ValueError(f"adapters_held[{i}]: must be a string, got {a!r}")
         object.__setattr__(self, "adapters_held", held)
+        if not isinstance(self.instance, str):
+            raise ValueError(f"instance: must be a string, got {self.instance!r}")
 
     @property
     def duration_s(self) -> float:
@@ -111,7 +115,7 @@ class TelemetryBatch:
         unknown = [k for k in d if k not in names]
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown field; expected {names}")
-        missing = [n for n in names if n not in d and n != "adapters_held"]
+        missing = [n for n in names if n not in d and n not in _OPTIONAL]
         if missing:
             raise ValueError(f"{missing[0]}: required")
         return cls(**{n: d[n] for n in names if n in d})
@@ -394,6 +398,17 @@ class WorkloadWindow:
             "waiting": last.waiting if last else 0,
             "adapters_held": last.adapters_held if last else (),
         }
+
+    def queue_series(
+        self, now: float, replica: str, *, since: float | None = None
+    ) -> list[tuple[float, int]]:
+        """``(t_end, waiting)`` of one replica's batches ending inside the judged span, oldest
+        first: the queue's trajectory, which ``drift.queue_growth`` reads as evidence of missing
+        capacity (a growing queue) where a live figure below the twin's is not."""
+        self._prune_all(now)
+        start, end = self.span(now, since)
+        q = self._batches.get(replica) or ()
+        return [(b.t_end, b.waiting) for b in q if start < b.t_end <= end]
 
     # -- internals --------------------------------------------------------------------------
 

@@ -11,42 +11,38 @@ import json
 import time
 from collections import Counter
 
-import httpx
-import numpy as np
 import pytest
 
+from load_tests.phases import (
+    SHIFT_IDS,
+    SHIFT_RATE,
+    SHIFT_START_HOT,
+    drive_phases,
+    hot_workload,
+    shift_phases,
+)
 from orchestrator.controller import ControllerSettings
 from orchestrator.drift import DriftConfig
-from orchestrator.live_bench import dispatch_open_loop
 from placement.planner import make_plan
 from placement.policy import PlacementContext
 from placement.predictors import make_predictor
 from twin.profile import load_profile
-from twin.workload import AdapterSpec, LengthModel, Workload, generate_requests
+from twin.workload import Workload
 
 pytestmark = pytest.mark.integration
 
-IDS = [f"a{i:02d}" for i in range(16)]
-LENGTHS = LengthModel(kind="fixed", prompt=256, output=128)
+IDS = list(SHIFT_IDS)
 SETTINGS = ControllerSettings(
-    window_s=10.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=5.0,
+    window_s=10.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=30.0,
     verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
-    drift=DriftConfig(gap=0.5, change_min_s=3.0),
+    settle_s=4.0, queue_min_s=15.0, drift=DriftConfig(gap=0.5, change_min_s=4.0),
 )
 PHASE_S = 24.0
-RATE = 14.0  # req/s: two replicas (one holds ~11), and twice this needs three (two hold ~23)
 
 
 def shifted_hot(plan) -> list[str]:
     """Two adapters the starting plan put on the same replica: the hot set moves there."""
     return list(plan.groups[-1].adapter_ids[-2:])
-
-
-def hot_workload(hot: list[str], total_rps: float, share: float = 0.7) -> Workload:
-    rest = [a for a in IDS if a not in hot]
-    return Workload("shift", tuple(
-        AdapterSpec(a, 8, total_rps * share / len(hot) if a in hot
-                    else total_rps * (1 - share) / len(rest)) for a in IDS), LENGTHS)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def fleet(ray_cluster, tmp_path_factory):
 
     profile = load_profile("tiny-llama-cpu")
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
-    plan = make_plan(hot_workload(["a00", "a01"], RATE), ctx)
+    plan = make_plan(hot_workload(SHIFT_START_HOT, SHIFT_RATE), ctx)
     assert plan.replicas == 2  # the scenario below is built on this starting point
     path = tmp_path_factory.mktemp("ctl") / "plan.yaml"
     plan.to_yaml(path)
@@ -73,35 +69,13 @@ def fleet(ray_cluster, tmp_path_factory):
         serve.delete("lorafleet")
 
 
-async def drive(url: str, phases: list[tuple[Workload, float]], seed: int = 0
-                ) -> tuple[Counter, list[tuple[float, int, str]], float]:
-    """Open-loop Poisson load, phase after phase; returns status counts, (t, status, replica)
-    per request, and the start time."""
-    results: list[tuple[float, int, str]] = []
-    tasks: list[asyncio.Task] = []
-    limits = httpx.Limits(max_connections=3000, max_keepalive_connections=3000)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        t0 = time.monotonic()
-        offset = 0.0
-        for k, (w, seconds) in enumerate(phases):
-            batch = generate_requests(w, duration_s=seconds, seed=seed + k)
-            ids = [w.adapters[i].id for i in batch.adapter]
-
-            async def one(i: int, ids: list[str] = ids, start: float = offset) -> None:
-                t = time.monotonic() - t0
-                try:
-                    r = await client.post("/v1/completions", json={
-                        "model": ids[i], "prompt": [7] * 256, "max_tokens": 128,
-                        "ignore_eos": True})
-                    results.append((t, r.status_code, r.headers.get("x-lorafleet-replica", "")))
-                except httpx.HTTPError as exc:
-                    results.append((t, -1, type(exc).__name__))
-
-            await dispatch_open_loop(np.asarray(batch.arrival_s) + offset, t0, time.monotonic,
-                                     one, tasks)
-            offset += seconds
-        await asyncio.wait_for(asyncio.gather(*tasks), 300)
-    return Counter(s for _, s, _ in results), results, t0
+def drive(url: str, phases: list[tuple[Workload, float]], seed: int = 0
+          ) -> tuple[Counter, list[tuple[float, int, str]], float]:
+    """Open-loop Poisson load, phase after phase (load_tests/phases.py); returns status counts,
+    (seconds since the start, status, replica) per request, and the start (wall clock)."""
+    run = asyncio.run(drive_phases(url, phases, seed=seed))
+    t0 = run.phase_starts[0]
+    return run.statuses, [(t - t0, s, rep) for t, s, rep in run.sent], t0
 
 
 def events(actor) -> list[dict]:
@@ -134,11 +108,8 @@ def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
     actor, plan, url = fleet
     hot = shifted_hot(plan)
     wall0 = time.time()
-    phases = [(hot_workload(["a00", "a01"], RATE), PHASE_S),  # as planned
-              (hot_workload(hot, RATE), PHASE_S),  # the hot set moves
-              (hot_workload(hot, 2 * RATE), 1.5 * PHASE_S),  # and the total rate doubles
-              (hot_workload(hot, RATE), 1.5 * PHASE_S)]  # then halves
-    counts, results, _ = asyncio.run(drive(url, phases))
+    # as planned -> the hot set moves -> the total rate doubles -> then halves
+    counts, results, _ = drive(url, shift_phases(hot, PHASE_S))
     settle(actor)
     ev = [e for e in events(actor) if e["t"] >= wall0]
     for e in ev:  # the run's timeline, shown with -s
@@ -203,12 +174,16 @@ def test_killed_replica_and_restarted_controller_lose_no_request_silently(fleet)
     members = before["members"]
     victim = sorted(members)[0]
     victim_replica = members[victim]["replica"]
-    load = hot_workload(shifted_hot(plan), RATE)  # what the fleet was last sized for
+    load = hot_workload(shifted_hot(plan), SHIFT_RATE)  # what the fleet was last sized for
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(asyncio.run, drive(url, [(load, 40.0)], seed=7))
+        running = pool.submit(drive, url, [(load, 40.0)], 7)
         time.sleep(10)
         ray.kill(engine_actor(victim), no_restart=False)
-        time.sleep(10)
+        deadline = time.time() + 60  # Serve replaces it; its telemetry comes from a new process
+        while not any(e["kind"] == "replica_replaced" and e["endpoint"] == victim
+                      for e in events(actor)):
+            assert time.time() < deadline, "no replica_replaced event for the killed replica"
+            time.sleep(1)
         ray.kill(actor, no_restart=False)  # Ray restarts the detached controller
         deadline = time.time() + 90
         after: dict = {}
@@ -230,6 +205,11 @@ def test_killed_replica_and_restarted_controller_lose_no_request_silently(fleet)
     assert late and all(s == 200 for s in late)  # the replaced replica serves again
     assert after["version"] == before["version"] and set(after["members"]) == set(members)
     assert after["members"][victim]["replica"] == victim_replica
+    # the history survived the restart (Ray's key-value store), and says Serve replaced the
+    # killed replica (its telemetry came from a new process)
+    history = ray.get(actor.status.remote(1000))["events"]
+    kinds = [e["kind"] for e in history]
+    assert "deployed" in kinds and kinds.index("replica_replaced") < kinds.index("recovered")
 
 
 def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
@@ -238,9 +218,9 @@ def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
     import ray
 
     actor, plan, url = fleet
-    load = hot_workload(shifted_hot(plan), RATE)
+    load = hot_workload(shifted_hot(plan), SHIFT_RATE)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(asyncio.run, drive(url, [(load, 25.0)], seed=11))
+        running = pool.submit(drive, url, [(load, 25.0)], 11)
         time.sleep(18)
         before = ray.get(actor.status.remote())
         more = ray.get(actor.whatif.remote(rate_scale=3.0), timeout=300)

@@ -140,3 +140,24 @@ def test_ray_map_names_the_failing_job(ray_cluster):
         with pytest.raises(ValueError, match="math domain error") as info:
             ray_map(batch_size=batch_size)(math.sqrt, jobs)
         assert any("job 5 (of 7)" in note for note in info.value.__notes__), batch_size
+
+
+@pytest.mark.integration
+def test_ray_map_never_waits_without_bound(ray_cluster):
+    """No CPU free for a task (replicas reserved them all), or no task finishing within the
+    stall timeout: the jobs run in the calling process and the fallback says why."""
+    from orchestrator.fanout import ray_map
+
+    why: list[str] = []
+    got = ray_map(num_cpus=1000.0, on_fallback=why.append)(math.sqrt, [4.0, 9.0])
+    assert got == [2.0, 3.0] and len(why) == 1 and "no CPU free" in why[0]
+    why.clear()
+
+    def slow_double(x: float) -> float:  # a closure: shipped by value to the Ray workers
+        time.sleep(x)
+        return 2 * x
+
+    got = ray_map(stall_timeout_s=0.5, on_fallback=why.append)(slow_double, [2.0, 0.0])
+    assert got == [4.0, 0.0] and len(why) == 1 and "within 0.5 s" in why[0]
+    with pytest.raises(ValueError, match="stall_timeout_s"):
+        ray_map(stall_timeout_s=0)

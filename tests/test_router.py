@@ -447,3 +447,49 @@ def test_kuberay_builder_builds_the_application(tmp_path: Path) -> None:
     assert type(app).__name__ == "Application"
     with pytest.raises(SpecError, match="needs --model"):
         build_app({"plan_path": str(tmp_path / "plan.yaml")})  # vllm by default
+
+
+def test_the_ingress_counts_each_client_request_once() -> None:
+    """The offered load the controller estimates from: every client request once, at arrival
+    (a request retried on another copy after its replica died is still one); refusals before
+    routing (unknown model, malformed) are no load on any adapter."""
+    from orchestrator.workload_window import TelemetryBatch
+
+    class Dead:
+        async def stream(self, request):
+            raise ConnectionError("actor died")
+            yield {}  # pragma: no cover - makes this an async generator
+
+        async def complete(self, request):
+            raise ConnectionError("actor died")
+
+        async def report(self):
+            raise ConnectionError("actor died")
+
+    plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
+
+    async def run() -> None:
+        good = ReplicaCore(_spec_for(plan, 1))
+        await good.start()
+        core = IngressCore(RoutingTable.from_plan(plan),
+                           {ReplicaId("g", 0): Dead(), ReplicaId("g", 1): LocalClient(good)},
+                           engine="sim")
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(core)),
+                                   base_url="http://lorafleet")
+        async with client:
+            for i in range(6):
+                r = await client.post("/v1/completions", json={
+                    "model": "a", "prompt": "x", "max_tokens": 3, "stream": i % 2 == 1})
+                assert r.status_code == 200, r.text
+            assert (await client.post("/v1/completions", json={
+                "model": "ghost", "prompt": "x"})).status_code == 404
+            assert (await client.post("/v1/completions", json={"prompt": "x"})).status_code \
+                == 400
+        batch = TelemetryBatch.from_dict(core.take_offered("ing-1"))
+        assert core.retried >= 1  # the dead copy was tried, and the request sent again
+        assert dict(batch.arrivals) == {"a": 6} and dict(batch.finished) == {"a": 6}
+        assert dict(batch.output_tokens) == {"a": 18}
+        assert good.telemetry.total_requests == 6  # the engine saw each once too, here
+        assert dict(TelemetryBatch.from_dict(core.take_offered("ing-1")).arrivals) == {}
+
+    asyncio.run(run())

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -193,3 +194,68 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
     assert int(rows["/v1/completions"]["Request Count"]) > 5
     assert int(rows["/v1/completions"]["Failure Count"]) == 0
     assert any(name.startswith("group-") or name.startswith("hot/") for name in rows)
+
+
+def test_a_controller_without_cpu_for_twin_runs_answers_and_shutdown_finds_orphans(
+        tmp_path: Path) -> None:
+    """Issue #16, as a user met it: three sim replicas at 0.5 CPU on a 2-CPU cluster leave no
+    CPU for twin tasks. `whatif` still answers (the twin runs in the controller, an event says
+    why). After the controller is killed for good, `status` is a clear error naming what still
+    runs, and `shutdown` of a cluster deploy did not start removes every lorafleet application
+    itself and keeps nothing running."""
+    from orchestrator.deploy import LocalHead, free_port
+
+    plan = synthetic_plan([GroupShape("a", [("x-1", 8), ("x-2", 16)]),
+                           GroupShape("b", [("y-1", 8)], copies=2)])
+    plan.to_yaml(tmp_path / "plan.yaml")
+    head = LocalHead.start(num_cpus=2, log_dir=tmp_path / "head")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cli = [sys.executable, "-m", "orchestrator.cli"]
+    state = ["--state-dir", str(tmp_path / "state")]
+
+    def run(*args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        res = subprocess.run([*cli, *args, *state], capture_output=True, text=True, env=env,
+                             timeout=timeout, cwd=tmp_path)
+        assert (res.returncode == 0) == ok, (res.returncode, res.stderr[-3000:])
+        return res
+
+    def on_cluster(code: str) -> str:
+        res = subprocess.run([sys.executable, "-c", "import ray, json\n"
+                              f"ray.init(address={head.address!r}, logging_level='ERROR')\n"
+                              + code], capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout
+
+    try:
+        port = free_port()
+        run("deploy", str(tmp_path / "plan.yaml"), "--engine", "sim", "--port", str(port),
+            "--address", head.address, "--replica-cpus", "0.5", "--predictor", "analytic",
+            "--control-window", "12", "--check-interval", "1", "--verify-window", "60",
+            "--json")
+        url = f"http://127.0.0.1:{port}"
+        for i in range(40):  # ~16 s of light traffic: the estimate needs a covered window
+            r = httpx.post(f"{url}/v1/completions", json={
+                "model": ["x-1", "y-1"][i % 2], "prompt": [5] * 8, "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200
+            time.sleep(0.4)
+        t0 = time.monotonic()
+        out = json.loads(run("whatif", "--rate-scale", "2", "--json",
+                             timeout=240).stdout.strip().splitlines()[-1])
+        assert out["replicas"] >= 1 and time.monotonic() - t0 < 180
+        status = json.loads(run("status", "--json").stdout.strip().splitlines()[-1])
+        local = [e for e in status["controller"]["events"] if e["kind"] == "twin_local"]
+        assert local and "no CPU free" in local[0]["reason"], status["controller"]["events"]
+
+        on_cluster("a = ray.get_actor('lorafleet-controller', namespace='lorafleet')\n"
+                   "ray.kill(a, no_restart=True)")
+        dead = run("status", ok=False)
+        assert dead.returncode == 2 and "not running" in dead.stderr
+        assert "lorafleet shutdown" in dead.stderr and "lorafleet-e" in dead.stderr
+        down = json.loads(run("shutdown", "--json").stdout.strip().splitlines()[-1])
+        assert down["remaining_apps"] == [] and len(down["deleted_apps"]) == 4  # 3 + ingress
+        apps = json.loads(on_cluster("from ray import serve\n"
+                                     "print(json.dumps(list(serve.status().applications)))"))
+        assert not [a for a in apps if a.startswith("lorafleet")], apps
+        assert not (tmp_path / "state" / "deploy.json").exists()
+    finally:
+        head.stop()
