@@ -70,7 +70,7 @@ def settings(window_s: float) -> ControllerSettings:
     return ControllerSettings(
         window_s=window_s, min_span_s=8.0, check_interval_s=1.0, gap_interval_s=30.0,
         verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
-        settle_s=5.0, queue_min_s=20.0, drift=DriftConfig(change_min_s=6.0))
+        settle_s=5.0, queue_min_s=20.0, drift=DriftConfig(change_min_s=4.0))
 
 
 def twin_needed(ctx: PlacementContext, s: ControllerSettings, workloads: list) -> list[int]:

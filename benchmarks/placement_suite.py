@@ -5,7 +5,9 @@ take 60 %) rates, ranks 8/16/32/64 in proportion 4:3:2:1, 0.1 req/s per adapter 
 (ShareGPT-like lengths), plus examples/workload_azure.yaml's Azure trace sample mapped onto 400
 adapters (Zipf) and compressed 50x in time, with its own lengths. Prints one JSON line per
 workload: the `lorafleet plan --compare --json` object plus `workload`, `n_adapters`,
-`predictor`, `lower_bound_wall_s` and, per policy, `replicas_over_bound`.
+`predictor`, `lower_bound_busy_replicas` (the roofline before rounding), the capacity
+estimate's fractional count, `lower_bound_wall_s` and, per policy, `replicas_over_bound` and
+`replicas_over_estimate` (the planner's own estimate of what the mix needs).
 
     python benchmarks/placement_suite.py [--predictor surrogate|analytic|twin] [--no-verify]
         [--sizes 100,500,1000,5000] [--shapes uniform,zipf,few_hot,azure] [--profile NAME]
@@ -108,10 +110,13 @@ def main() -> None:
         for summary in obj["policies"].values():
             summary["replicas_over_bound"] = round(summary["replicas"] / obj[
                 "lower_bound_replicas"], 3)
+            summary["replicas_over_estimate"] = round(summary["replicas"] / obj[
+                "capacity_estimate_replicas"], 3)
         line = {
             "workload": w.name, "n_adapters": len(w.adapters), "predictor": predictor.name,
             "offered_tps": round(w.offered_tokens_per_s(), 1), **obj,
-            "lower_bound_fractional": round(result.lower_bound.fractional, 3),
+            "lower_bound_busy_replicas": round(result.lower_bound.busy_ms_per_s / 1000, 3),
+            "capacity_estimate_fractional": round(result.estimate.fractional, 3),
             "lower_bound_wall_s": result.lower_bound_wall_s,
             "wall_s": round(time.perf_counter() - t0, 2),
         }

@@ -53,6 +53,7 @@ from orchestrator.drift import (
     latest_change,
     queue_growth,
     replica_gaps,
+    unsettled,
 )
 from orchestrator.replan import ReplanConfig, replan, rerate, whatif_workload
 from orchestrator.replica import ReplicaSpec
@@ -99,6 +100,9 @@ class ControllerSettings:
     window_s: float = 60.0
     min_span_s: float = 20.0  # evidence needed after a (re)start before judging drift
     min_requests: int = 50  # an idle fleet keeps its plan: no re-plan on (almost) no traffic
+    # a decision on part of the window (the traffic since a step) waits for this many requests:
+    # the fleet is sized for the estimate, whose relative error is ~1/sqrt(N) (5 % here)
+    decide_requests: int = 400
     check_interval_s: float = 5.0
     gap_interval_s: float = 30.0
     verify_window_s: float = 600.0  # simulated seconds per twin verification run
@@ -433,6 +437,9 @@ class ControllerCore:
                                 "unknown_ids": sorted(unknown)[:20]}
         if k is not None:
             seen["changed_s_ago"] = round(now - since, 1)
+        moving = unsettled(bins[k or 0:], cfg)
+        if moving:
+            seen["unsettled"] = moving
         return est, seen
 
     def _offered_coverage(self, now: float) -> Any:
@@ -494,6 +501,9 @@ class ControllerCore:
         offered_rps = est.total_rate_rps + est.base_model_rate_rps
         record["estimated_rps"] = round(offered_rps, 4)
         record.update(self._service(now))
+        if "unsettled" in seen:  # a burst after a stall, or a ramp: no decision on it yet
+            record["decision"] = f"waiting: {seen['unsettled']}"
+            return self._record(record)
         if now - self._gap_at >= self.settings.gap_interval_s:
             self.gaps = self.live_vs_predicted(est, now)
             self._gap_at = now
@@ -519,6 +529,15 @@ class ControllerCore:
         if arrived < self.settings.min_requests:
             record["decision"] = (f"only {arrived:.0f} requests in the window (need "
                                   f"{self.settings.min_requests}): too little traffic to re-plan")
+            return self._record(record)
+        if (span < self.settings.window_s - 0.5 and not fails
+                and arrived < self.settings.decide_requests):
+            # the fleet is sized for the estimate itself, so the estimate must be precise: a
+            # decision on part of the window (after a step, or a transition) waits for enough
+            # requests (relative error ~1/sqrt(N): 5 % at 400) or for the whole window
+            record["decision"] = (f"gathering evidence: {arrived:.0f} requests in {span:.0f} s "
+                                  f"(need {self.settings.decide_requests} or the whole "
+                                  f"{self.settings.window_s:g}-s window)")
             return self._record(record)
         if now < self._quiet_until and self._quiet_workload is not None and not fails \
                 and not detect_drift(self._quiet_workload, est, span,

@@ -314,6 +314,33 @@ def latest_change(bins: list[Mapping[str, float]], cfg: DriftConfig | None = Non
     return found
 
 
+def unsettled(bins: list[Mapping[str, float]], cfg: DriftConfig | None = None) -> str | None:
+    """Why the total rate over ``bins`` (the span an estimate rests on, oldest first) is not
+    one rate yet, or None: its later half differs from its earlier half, or its last third from
+    its first third, by more than the total rate's threshold, and significantly. A busy host
+    that stalls arrivals and releases them in a burst (the ingress, the load generator, a
+    transition on two cores), or a ramp, makes the span's mean a rate nobody offers for long; no
+    decision should rest on it until it settles. A real step is found by ``latest_change`` and
+    the span starts after it."""
+    cfg = cfg or DriftConfig()
+    n = len(bins)
+    if n < 4:
+        return None
+    totals = [sum(b.values()) for b in bins]
+    for part in (n // 2, n // 3):
+        early, late = sum(totals[:part]), sum(totals[n - part:])
+        if late <= 0 and early <= 0:
+            continue
+        if (significant(late, early, cfg.z)
+                and abs(late - early) > cfg.total_rate_change * max(early, late)):
+            rate = sum(totals) / (n * cfg.change_bin_s)
+            return (f"the offered load is still moving: {rate:.1f} req/s over the last "
+                    f"{n * cfg.change_bin_s:.0f} s, {early / (part * cfg.change_bin_s):.1f} in "
+                    f"its first {part * cfg.change_bin_s:.0f} s and "
+                    f"{late / (part * cfg.change_bin_s):.1f} in its last")
+    return None
+
+
 def replica_gaps(
     replica: str, live: Mapping[str, Any], predicted: Mapping[str, Any]
 ) -> dict[str, float]:

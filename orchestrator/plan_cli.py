@@ -128,6 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
             "workload": workload.name,
             "replicas": plan.replicas,
             "lower_bound_replicas": plan.lower_bound_replicas,
+            "outside_domain_predictions": plan.settings.get("outside_domain_predictions", 0),
             "groups": len(plan.groups),
             "starved_replicas": summary["starved_replicas"],
             "metrics": plan.metrics_source(),
@@ -196,6 +197,11 @@ def _print_plan(workload: Any, plan: Any, args: argparse.Namespace, total_s: flo
         f"{_fmt(plan.worst('ttft_p99_ms', src), '{:,.0f}')} ms | planned in "
         f"{total_s:.2f} s"
     )
+    outside = plan.settings.get("outside_domain_predictions")
+    if outside:
+        console.print(f"[yellow]{outside} prediction(s) fell outside the surrogate's training "
+                      f"domain ({plan.settings.get('outside_domain_features')}); the twin judged "
+                      f"those ({plan.settings.get('outside_domain_twin_runs')} run(s))[/]")
     if args.output:
         console.print(f"wrote [bold]{args.output}[/]")
     if not verified:
@@ -221,7 +227,11 @@ def _print_comparison(workload: Any, result: Any, args: argparse.Namespace) -> N
             _fmt(s["ttft_p99_ms"]), _fmt(s["plan_wall_s"], "{:.2f}"),
         )
     console.print(table)
-    console.print(f"lower bound: [bold]{lb}[/] replicas ({result.lower_bound.fractional:.2f} "
-                  f"before rounding; computed in {result.lower_bound_wall_s:.2f} s)")
+    est = f"; the capacity estimate packing starts from: {result.estimate.replicas}" if (
+        result.estimate) else ""
+    console.print(f"lower bound: [bold]{lb}[/] replicas (roofline: "
+                  f"{result.lower_bound.busy_ms_per_s / 1000:.2f} replica-seconds per second at "
+                  f"the least; computed with the estimate in {result.lower_bound_wall_s:.2f} "
+                  f"s{est})")
     if args.output:
         console.print(f"wrote the {args.policy} plan to [bold]{args.output}[/]")

@@ -30,6 +30,11 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--capped-light-samples", type=int, default=1000,
                    help="twin runs of the light capped design: the same client, replicas offered "
                    "0.1-0.8x their capacity (default 1000; those --data lacks are run and added)")
+    t.add_argument("--wide-samples", type=int, default=2000,
+                   help="twin runs of the wide design: drawn lengths (prompts 4-4,000, outputs "
+                   "2-2,000 tokens), 1-5,000 adapters, placement's max_loras grid; with the "
+                   "first design they set the planning trees' domain (default 2000; those "
+                   "--data lacks are run and added)")
     t.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of the design and the split")
     t.add_argument("--out", default=None,
@@ -65,13 +70,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from twin.surrogate import SurrogateError, train_surrogate
 
     if (args.workers < 1 or args.samples < 10 or args.capped_samples < 0
-            or args.capped_light_samples < 0):
-        return _fail(ValueError("--workers must be >= 1, --samples >= 10, --capped-samples "
-                                "and --capped-light-samples >= 0"))
+            or args.capped_light_samples < 0 or args.wide_samples < 0):
+        return _fail(ValueError("--workers must be >= 1, --samples >= 10, --capped-samples, "
+                                "--capped-light-samples and --wide-samples >= 0"))
     try:
         meta = train_surrogate(
             args.profile, samples=args.samples, capped_samples=args.capped_samples,
-            capped_light_samples=args.capped_light_samples,
+            capped_light_samples=args.capped_light_samples, wide_samples=args.wide_samples,
             workers=args.workers, seed=args.seed,
             out=args.out, data=args.data, duration_s=args.window, progress=not args.json,
         )
@@ -83,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"wrote [bold]{meta['directory']}[/] ({meta['n_samples']} twin runs, "
                   f"{meta.get('n_capped', 0)} of them capped "
-                  f"({meta.get('n_capped_light', 0)} below capacity), {meta['n_held_out']} + "
+                  f"({meta.get('n_capped_light', 0)} below capacity), "
+                  f"{meta.get('n_wide', 0)} of the wide design, {meta['n_held_out']} + "
                   f"{meta.get('n_held_out_capped', 0)} held out; "
                   f"throughput as {meta['throughput_target']}, starvation by "
                   f"{meta['starvation']})")
@@ -121,7 +127,8 @@ def _print_held_out(console: Any, report: dict[str, Any]) -> None:
     """One held-out table per design the report scores."""
     for key, design in (("held_out", "uncapped client"),
                         ("held_out_capped_design", "capped design"),
-                        ("held_out_capped_light", "light capped design")):
+                        ("held_out_capped_light", "light capped design"),
+                        ("held_out_wide", "wide design")):
         if report.get(key):
             console.print(_held_out_table(report[key], design))
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from placement.errors import PlacementError
+from placement.lower_bound import compute_lower_bound
 from placement.plan import (
     PlacedAdapter,
     Plan,
@@ -250,16 +251,27 @@ def size_replicas(
 
 def smallest_feasible(
     probe: Callable[[int], bool], lo: int, hi: int, next_k: Callable[[int], int],
-    give_up: Callable[[int], bool] = lambda _lo: False,
+    give_up: Callable[[int], bool] = lambda _lo: False, floor: int | None = None,
 ) -> int | None:
     """Smallest k in [lo, hi] with ``probe(k)``, for a probe that stays true once true.
 
     Gallops up from ``lo`` (``next_k`` says how far) until a probe holds, then bisects between
     the last failure and it. Returns ``hi`` when even ``hi`` fails (the caller reports what is
     infeasible), None as soon as ``give_up(lo)`` says no answer from ``lo`` up can pay.
+    With ``floor``, ``lo`` is only where the search starts (an estimate): if it already holds,
+    the search gallops down towards ``floor`` instead, so a start set too high by a wrong
+    estimate cannot inflate the answer.
     """
     if give_up(lo):
         return None
+    if floor is not None and lo > floor and probe(lo):
+        good, step = lo, 1
+        while good > floor:
+            below = max(floor, good - step)
+            if not probe(below):
+                return _bisect(probe, below + 1, good)
+            good, step = below, 2 * step
+        return good
     k = lo
     while not probe(k):
         if k >= hi:
@@ -268,7 +280,11 @@ def smallest_feasible(
         if give_up(lo):
             return None
         k = min(hi, next_k(k))
-    good = k
+    return _bisect(probe, lo, k)
+
+
+def _bisect(probe: Callable[[int], bool], lo: int, good: int) -> int:
+    """Smallest k in [lo, good] with ``probe(k)``, knowing ``probe(good)``."""
     while lo < good:
         mid = (lo + good) // 2
         if probe(mid):
@@ -328,8 +344,6 @@ def build_plan(
     bound is ``ctx.lower_bound`` when the planner computed it, else computed here. ``started``
     (a ``time.perf_counter()`` value) records the planning wall time.
     """
-    from placement.lower_bound import compute_lower_bound
-
     index = index or WorkloadIndex(workload)
     names = group_names(specs)
     routing = routing_table(specs, names, index)
@@ -351,7 +365,7 @@ def build_plan(
                 headroom=None if opt.headroom is None else float(opt.headroom),
             )
         )
-    bound = ctx.lower_bound or compute_lower_bound(workload, ctx, index=index)
+    bound = ctx.lower_bound or compute_lower_bound(workload, ctx)
     return Plan(
         policy=policy,
         predictor=ctx.predictor_name,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from placement.capacity_estimate import CapacityEstimate, estimate_capacity
 from placement.common import (
     ReplicaSpec,
     WorkloadIndex,
@@ -50,7 +51,6 @@ from placement.common import (
     lpt_assign_counted,
     smallest_feasible,
 )
-from placement.lower_bound import LowerBound, compute_lower_bound
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from placement.replica_optimum import (
@@ -112,8 +112,8 @@ class LorafleetPolicy:
         started = time.perf_counter()
         check_servable(workload, ctx)
         index = WorkloadIndex(workload)
-        bound = ctx.lower_bound or compute_lower_bound(workload, ctx, index=index)
-        ctx = replace(ctx, lower_bound=bound)
+        bound = ctx.estimate or estimate_capacity(workload, ctx, index=index)
+        ctx = replace(ctx, estimate=bound)
         packed = _pack(index, ctx, bound)
         assert packed is not None  # only a limited packing gives up
         specs, optima = packed
@@ -154,7 +154,8 @@ def _replicas(specs: list[ReplicaSpec]) -> int:
 
 
 def _pack(
-    index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound, within: int | None = None
+    index: WorkloadIndex, ctx: PlacementContext, bound: CapacityEstimate,
+    within: int | None = None
 ) -> tuple[list[ReplicaSpec], list[ReplicaOptimum]] | None:
     """One packing run (steps 1-5 of the module docstring) at ``ctx``'s margin.
 
@@ -187,7 +188,8 @@ def _pack(
 class _Packer:
     """Working state of one packing run (items and bins are plain mutable records here)."""
 
-    def __init__(self, index: WorkloadIndex, ctx: PlacementContext, bound: LowerBound) -> None:
+    def __init__(self, index: WorkloadIndex, ctx: PlacementContext,
+                 bound: CapacityEstimate) -> None:
         self.index = index
         self.ctx = ctx
         self.bound = bound
@@ -300,7 +302,7 @@ class _Packer:
             return tried[k][0]
 
         k = smallest_feasible(probe, lo, hi, lambda k: max(k + 1, int(k * 1.25) + 1),
-                              give_up=hopeless)
+                              give_up=hopeless, floor=1)
         # k == hi and infeasible: even one item per bin fails; repaired and reported downstream
         return None if k is None else [self._bin(g) for g in tried[k][1]]
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from placement.capacity_estimate import CapacityEstimate, estimate_capacity
 from placement.common import WorkloadIndex, check_servable
 from placement.errors import PlacementError
 from placement.lower_bound import LowerBound, compute_lower_bound
@@ -31,21 +32,34 @@ SETTLE_ROUNDS = 3
 
 
 def prepare(workload: Workload, ctx: PlacementContext) -> PlacementContext:
-    """Validate the workload against the profile and attach the lower bound to the context."""
+    """Validate the workload against the profile and attach the lower bound and the capacity
+    estimate to the context."""
     check_servable(workload, ctx)
     if ctx.lower_bound is None:
-        ctx = replace(ctx, lower_bound=compute_lower_bound(workload, ctx,
-                                                           index=WorkloadIndex(workload)))
+        ctx = replace(ctx, lower_bound=compute_lower_bound(workload, ctx))
+    if ctx.estimate is None:
+        ctx = replace(ctx, estimate=estimate_capacity(workload, ctx,
+                                                      index=WorkloadIndex(workload)))
     return ctx
 
 
 def make_plan(workload: Workload, ctx: PlacementContext, policy: str = "lorafleet") -> Plan:
     """The plan of ``policy`` for ``workload``; PlacementError if it exceeds ``ctx.gpu_budget``."""
     chosen = get_policy(policy)
+    domain = getattr(ctx.predictor, "domain_report", None)  # placement.predictors.DomainGuard
+    if domain is not None:
+        domain(reset=True)
     ctx = prepare(workload, ctx)
     started = time.perf_counter()
     plan = chosen.place(workload, ctx)
     plan = replace(plan, plan_wall_s=round(time.perf_counter() - started, 4))
+    if domain is not None:
+        report = domain(reset=True)
+        if report["predictions"]:  # the twin judged what the surrogate was not trained on
+            plan = replace(plan, settings={
+                **plan.settings, "outside_domain_predictions": report["predictions"],
+                "outside_domain_twin_runs": report["twin_runs"],
+                "outside_domain_features": ",".join(sorted(report["outside"]))})
     check_budget(plan, workload, ctx, policy)
     return plan
 
@@ -72,7 +86,7 @@ def check_budget(plan: Plan, workload: Workload, ctx: PlacementContext, policy: 
 def budget_fraction(workload: Workload, ctx: PlacementContext, policy: str, budget: int) -> float:
     """Largest multiplier of the workload's rates the policy plans within ``budget`` replicas
     (bisection; a multiple of 1/2**BUDGET_SEARCH_STEPS)."""
-    plain = replace(ctx, gpu_budget=None, lower_bound=None)
+    plain = replace(ctx, gpu_budget=None, lower_bound=None, estimate=None)
     lo, hi = 0.0, 1.0
     for _ in range(BUDGET_SEARCH_STEPS):
         mid = (lo + hi) / 2.0
@@ -108,16 +122,18 @@ def verify_and_settle(
 
 @dataclass(frozen=True)
 class Comparison:
-    """Every policy's plan on one workload, and the shared lower bound."""
+    """Every policy's plan on one workload, the shared lower bound and capacity estimate."""
 
     lower_bound: LowerBound
     plans: dict[str, Plan]
     lower_bound_wall_s: float
+    estimate: CapacityEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The `lorafleet plan --compare --json` object."""
         return {
             "lower_bound_replicas": self.lower_bound.replicas,
+            "capacity_estimate_replicas": self.estimate.replicas if self.estimate else None,
             "policies": {name: policy_summary(plan) for name, plan in self.plans.items()},
         }
 
@@ -156,7 +172,7 @@ def compare(
         for name in SETTLES_ON_TWIN & set(plans):
             plans[name] = verify_and_settle(plans[name], workload, ctx, **verify_kw)
     return Comparison(lower_bound=ctx.lower_bound, plans=plans,
-                      lower_bound_wall_s=round(bound_wall, 4))
+                      lower_bound_wall_s=round(bound_wall, 4), estimate=ctx.estimate)
 
 
 def policy_summary(plan: Plan) -> dict[str, Any]:

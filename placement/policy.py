@@ -25,6 +25,7 @@ from twin.replica import ReplicaPredictor
 from twin.workload import Workload
 
 if TYPE_CHECKING:
+    from placement.capacity_estimate import CapacityEstimate
     from placement.lower_bound import LowerBound
     from placement.plan import Plan
 
@@ -42,7 +43,9 @@ class PlacementContext:
     ``min_served_fraction``: a replica is feasible when the predictor says it is not starved and
     completes at least this fraction of its offered tokens. ``target_utilisation`` < 1 keeps a
     margin: feasibility is then judged at the replica's load divided by it.
-    ``lower_bound``: filled in by the planner so that comparing policies computes it once.
+    ``lower_bound`` (a bound by construction, printed with plans) and ``estimate`` (what the
+    mix needs by the predictor, where packing starts): filled in by the planner so that
+    comparing policies computes them once.
     """
 
     profile: Profile
@@ -57,6 +60,7 @@ class PlacementContext:
     max_loras_grid: tuple[int, ...] = DEFAULT_MAX_LORAS_GRID
     headroom_tolerance: float = 0.01
     lower_bound: LowerBound | None = field(default=None, compare=False)
+    estimate: CapacityEstimate | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.gpu_budget is not None and (

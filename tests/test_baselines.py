@@ -333,12 +333,12 @@ def test_count_search_stops_at_a_multiple_of_the_bound(llama, policy):
     from dataclasses import replace
 
     from placement.baselines._shared import MAX_OVER_BOUND
-    from placement.lower_bound import LowerBound
+    from placement.capacity_estimate import CapacityEstimate
 
     w = workload([("poison", 8, 10.0)] + [(f"c{i}", 8, 100.0) for i in range(59)])
     ctx = replace(ctx_for(llama, PoisonPredictor(shared=True)),
-                  lower_bound=LowerBound(replicas=1, fractional=0.6, offered_tps=5_910.0,
-                                         classes=()))
+                  estimate=CapacityEstimate(replicas=1, fractional=0.6, offered_tps=5_910.0,
+                                            classes=()))
     plan = get_policy(policy).place(w, ctx)
     check_complete(plan, w)
     assert plan.replicas == MAX_OVER_BOUND
@@ -387,7 +387,7 @@ def test_cli_compare_lists_every_policy_with_the_documented_keys(capsys, monkeyp
                  "--json", "--verify-duration", "120", "--workers", "1"])
     assert code == 0
     obj = json.loads(capsys.readouterr().out)
-    assert set(obj) == {"lower_bound_replicas", "policies"}
+    assert set(obj) == {"lower_bound_replicas", "capacity_estimate_replicas", "policies"}
     assert set(obj["policies"]) == set(POLICIES) >= set(BASELINES)
     for summary in obj["policies"].values():
         assert set(summary) == SUMMARY_KEYS

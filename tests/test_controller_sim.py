@@ -33,11 +33,11 @@ pytestmark = pytest.mark.integration
 
 IDS = list(SHIFT_IDS)
 SETTINGS = ControllerSettings(
-    window_s=10.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=30.0,
+    window_s=20.0, min_span_s=6.0, check_interval_s=1.0, gap_interval_s=30.0,
     verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
     settle_s=4.0, queue_min_s=15.0, drift=DriftConfig(gap=0.5, change_min_s=4.0),
 )
-PHASE_S = 24.0
+PHASE_S = 30.0  # the doubled and halved phases last 1.5x: a decision, then a transition each
 
 
 def shifted_hot(plan) -> list[str]:

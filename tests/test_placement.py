@@ -20,9 +20,9 @@ import pytest
 
 from orchestrator.cli import main
 from placement.analytic import AnalyticPredictor
+from placement.capacity_estimate import estimate_capacity, nested_cover
 from placement.common import WorkloadIndex, lpt_assign, lpt_assign_counted
 from placement.errors import PlacementError
-from placement.lower_bound import compute_lower_bound, nested_cover
 from placement.packing import _pack, _replicas
 from placement.plan import Plan
 from placement.planner import compare, make_plan, prepare
@@ -155,25 +155,25 @@ def test_target_utilisation_keeps_a_margin(llama):
     assert not optimise([load], ctx_for(llama, flat(1000.0), target_utilisation=0.8))[0].feasible
 
 
-# ----------------------------------------------------------------------------- lower bound
+# ----------------------------------------------------------------------------- capacity estimate
 
 
-def test_lower_bound_is_offered_over_capacity(llama):
+def test_estimate_is_offered_over_capacity(llama):
     w = uniform_workload(30, 30.0, ranks=[8], lengths=FIXED)  # 6,000 tok/s
     for x, expected in ((1000.0, 6), (2500.0, 3), (7000.0, 1)):
-        assert compute_lower_bound(w, ctx_for(llama, flat(x))).replicas == expected
+        assert estimate_capacity(w, ctx_for(llama, flat(x))).replicas == expected
 
 
-def test_lower_bound_adds_rank_classes(llama):
+def test_estimate_adds_rank_classes(llama):
     rank_cost = CapacityPredictor(lambda r, g, n: 1000.0 if r <= 8 else 250.0)
     w = workload([(f"s{i}", 8, 1.0) for i in range(10)]  # 2,000 tok/s at rank 8: 2 replicas
                  + [(f"b{i}", 64, 0.25) for i in range(5)])  # 250 tok/s at rank 64: 1
-    bound = compute_lower_bound(w, ctx_for(llama, rank_cost))
+    bound = estimate_capacity(w, ctx_for(llama, rank_cost))
     assert bound.replicas == 3
     assert {c.max_lora_rank for c in bound.classes} == {8, 64}
 
 
-def test_lower_bound_tries_every_max_loras_the_optimum_may_choose(llama):
+def test_estimate_tries_every_max_loras_the_optimum_may_choose(llama):
     # only 6 slots serve well, and only with 10 adapters or more: one replica of all 40 does
     # (6 is on the optimum's grid, not a power of two; the bound must see what a plan can use)
     odd = CapacityPredictor(lambda r, g, n: 1000.0 if g == 6 and n >= 10 else 100.0)
@@ -181,7 +181,7 @@ def test_lower_bound_tries_every_max_loras_the_optimum_may_choose(llama):
     ctx = ctx_for(llama, odd)
     plan = make_plan(w, ctx)
     assert plan.replicas == 1 and plan.groups[0].engine.max_loras == 6
-    assert compute_lower_bound(w, ctx).replicas == 1
+    assert estimate_capacity(w, ctx).replicas == 1
 
 
 def test_nested_cover_keeps_high_rank_replicas_high_rank():
@@ -194,14 +194,14 @@ def test_nested_cover_keeps_high_rank_replicas_high_rank():
     assert nested_cover([(8, 0, 10.0)]) == 0
 
 
-def test_lower_bound_counts_adapters_per_replica_by_slot_rank(llama):
+def test_estimate_counts_adapters_per_replica_by_slot_rank(llama):
     # a replica holds at most 5 adapters at rank 64 and 20 at rank 8 (slots): 7 rank-64
     # adapters need 2 rank-64 replicas, which hold 3 of the 30 rank-8 ones; 27 need 2 more
     slots = CapacityPredictor(lambda r, g, n: 1e6 if n <= (5 if r >= 64 else 20) else 0.0)
     w = workload([(f"h{i}", 64, 0.01) for i in range(7)] + [(f"l{i:02d}", 8, 0.01)
                                                              for i in range(30)])
     ctx = ctx_for(llama, slots)
-    bound = compute_lower_bound(w, ctx)
+    bound = estimate_capacity(w, ctx)
     assert bound.fractional < 3  # 7/6 + 30/21: the fractional sum alone says 3
     assert bound.replicas == 4
     assert make_plan(w, ctx).replicas == 4
@@ -230,26 +230,28 @@ def test_counted_lpt_spreads_cold_items_over_the_hot_bins():
 # ----------------------------------------------------------------------------- packing
 
 
-def test_tight_case_meets_the_lower_bound(llama):
+def test_tight_case_meets_the_estimate(llama):
     # 12 adapters of 100 tok/s, replicas of 400 tok/s: exactly 3 full replicas
     w = workload([(f"a{i:02d}", 8, 0.5) for i in range(12)])
     ctx = ctx_for(llama, flat(400.0))
     plan = make_plan(w, ctx)
-    assert plan.lower_bound_replicas == 3
+    assert prepare(w, ctx).estimate.replicas == 3
     assert plan.replicas == 3
     assert all(off <= 400.0 + 1e-6 for off in per_replica_offered(plan))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_never_below_the_bound_and_never_predicted_starved(llama, seed):
+def test_never_below_the_estimate_and_never_predicted_starved(llama, seed):
+    # with a capacity that depends on the load only, the estimate is exact: no packing beats it
     rng = np.random.default_rng(seed)
     n = 40
     rates = rng.pareto(1.2, n) + 0.05
     ranks = rng.choice([8, 16, 32], n)
     w = workload([(f"a{i:02d}", int(ranks[i]), float(rates[i])) for i in range(n)])
     cap = 1500.0
-    plan = make_plan(w, ctx_for(llama, flat(cap)))
-    assert plan.replicas >= plan.lower_bound_replicas
+    ctx = ctx_for(llama, flat(cap))
+    plan = make_plan(w, ctx)
+    assert plan.replicas >= prepare(w, ctx).estimate.replicas
     assert plan.starved_replicas("predicted") == 0
     assert all(off <= cap * (1 + 1e-6) for off in per_replica_offered(plan))
     # every adapter's traffic is served exactly once
@@ -275,7 +277,9 @@ def test_hot_adapter_is_split_with_weights_proportional_to_capacity(llama):
     dedicated = [plan.group(r.group) for r in routes if len(plan.group(r.group).adapters) == 1]
     assert dedicated and all(g.total_rate_rps * 200.0 == pytest.approx(cap, rel=0.01)
                              for g in dedicated)
-    assert plan.replicas == plan.lower_bound_replicas == 3  # 2,900 tok/s over 1,000-tok/s replicas
+    # 2,900 tok/s over 1,000-tok/s replicas; the roofline bound is the profile's, far below
+    assert plan.replicas == prepare(w, ctx_for(llama, flat(cap))).estimate.replicas == 3
+    assert plan.lower_bound_replicas <= plan.replicas
     assert plan.starved_replicas("predicted") == 0
 
 
@@ -364,12 +368,12 @@ def test_a_limited_packing_gives_up_only_when_it_needs_more_replicas(llama):
         ctx_for(llama, cheap_ranks),
     )
     index = WorkloadIndex(w)
-    full = _pack(index, ctx, ctx.lower_bound)
+    full = _pack(index, ctx, ctx.estimate)
     assert full is not None
     need = _replicas(full[0])
     gave_up = []
     for within in range(1, need + 2):
-        limited = _pack(index, ctx, ctx.lower_bound, within=within)
+        limited = _pack(index, ctx, ctx.estimate, within=within)
         if limited is None:
             assert need > within
             gave_up.append(within)
@@ -452,7 +456,7 @@ def test_compare_runs_every_registered_policy(llama):
     result = compare(workload([(f"a{i}", 8, 0.5) for i in range(6)]), ctx_for(llama, flat(400.0)),
                      verify=False)
     assert set(result.plans) == set(POLICIES)
-    assert result.lower_bound.replicas == 2
+    assert result.estimate.replicas == 2
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -486,7 +490,7 @@ def test_cli_compare_json_keys(capsys, wide_console):
                  "--json", "--verify-duration", "600", "--workers", "1"])
     assert code == 0
     obj = json.loads(capsys.readouterr().out)
-    assert set(obj) == {"lower_bound_replicas", "policies"}
+    assert set(obj) == {"lower_bound_replicas", "capacity_estimate_replicas", "policies"}
     assert isinstance(obj["lower_bound_replicas"], int)
     assert set(obj["policies"]) == set(POLICIES)
     for summary in obj["policies"].values():
@@ -547,9 +551,8 @@ def test_analytic_predictor_behaves(llama):
     assert pred.capacity_tps([many], [cfg])[0] < pred.capacity_tps([few], [cfg])[0]
 
 
-def test_lower_bound_survives_idle_adapters_next_to_a_hot_one():
+def test_estimate_survives_idle_adapters_next_to_a_hot_one():
     from placement.analytic import AnalyticPredictor
-    from placement.lower_bound import compute_lower_bound
     from placement.policy import PlacementContext
     from twin.lengths import LengthModel
     from twin.profile import load_profile
@@ -562,7 +565,7 @@ def test_lower_bound_survives_idle_adapters_next_to_a_hot_one():
         lengths=LengthModel(kind="sharegpt"),
     )
     ctx = PlacementContext.for_profile(profile, AnalyticPredictor(profile))
-    lb = compute_lower_bound(w, ctx)
+    lb = estimate_capacity(w, ctx)
     assert lb.replicas >= 1
 
 
@@ -581,7 +584,7 @@ def test_fill_rounds_offer_a_full_bins_leftovers_to_the_others(llama):
     index = WorkloadIndex(w)
 
     def setup() -> tuple[_Packer, list, list[int]]:
-        packer = _Packer(index, ctx, ctx.lower_bound)
+        packer = _Packer(index, ctx, ctx.estimate)
         packer.split_hot()
         pos = {index.ids[p]: i for i, p in enumerate(packer.items.pos.tolist())}
         bins = [packer._bin([pos["a16"], pos["b16"]]),
@@ -633,3 +636,22 @@ def test_lorafleet_settles_on_the_twin_and_baselines_do_not(llama):
     # a plan the twin cannot settle within the rounds comes back with its starved replicas
     stuck = verify_and_settle(first, w, ctx, duration_s=60.0, mapper=_twin_serving_at_most(1.0))
     assert stuck.is_verified and stuck.starved_replicas() > 0
+
+
+def test_a_count_search_started_too_high_comes_down():
+    """A start from an estimate that is too high (a predictor outside its domain once put the
+    estimate at 73 where one replica served) must not inflate the count."""
+    from placement.common import smallest_feasible
+
+    seen: list[int] = []
+
+    def from3(k: int) -> bool:
+        seen.append(k)
+        return k >= 3
+
+    assert smallest_feasible(from3, 10, 20, lambda k: k + 1, floor=1) == 3
+    assert seen[0] == 10 and min(seen) >= 1
+    assert smallest_feasible(lambda k: k >= 3, 2, 20, lambda k: k + 1, floor=1) == 3
+    assert smallest_feasible(lambda k: k >= 1, 10, 20, lambda k: 2 * k, floor=1) == 1
+    assert smallest_feasible(lambda k: k >= 12, 10, 20, lambda k: k + 1, floor=1) == 12
+    assert smallest_feasible(lambda k: k >= 3, 10, 20, lambda k: k + 1) == 10  # no floor: as was

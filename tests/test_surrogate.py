@@ -17,6 +17,7 @@ from twin.lengths import LengthModel
 from twin.profile import REPO_PROFILES_DIR, load_profile
 from twin.replica import PREDICTED_METRICS, ReplicaLoad, TwinPredictor
 from twin.surrogate import (
+    DOMAIN_FEATURES,
     HELD_OUT_FRACTION,
     Surrogate,
     SurrogateError,
@@ -192,6 +193,30 @@ def test_capped_designs_sit_behind_a_cap_each_in_its_load_band(profile):
     # (the band is drawn against the capacity at a nominal rate; at the drawn rate the active
     # adapters, and so the capacity, move a little)
     assert under.max() < 0.9 and np.median(under) < 0.5 and under.min() < 0.3
+
+
+def test_the_wide_design_reaches_what_users_bring(profile):
+    """Drawn lengths from a few tokens to thousands (short answers included: the 64/24-token
+    service of issue #17), up to 5,000 adapters, placement's max_loras grid; its own stream."""
+    from twin.surrogate_data import PLACEMENT_MAX_LORAS, parse_lengths
+
+    wide = sample_space(300, profile, seed=5, design="wide")
+    assert wide[:20] == sample_space(20, profile, seed=5, design="wide")
+    assert sample_space(40, profile, seed=5) == sample_space(40, profile, seed=5)
+    lengths = [parse_lengths(s.lengths) for s in wide]
+    prompts = np.array([lm.mean_prompt() for lm in lengths])
+    outputs = np.array([lm.mean_output() for lm in lengths])
+    assert prompts.min() < 10 and prompts.max() > 1000
+    assert outputs.min() < 5 and outputs.max() > 500
+    assert ((prompts < 100) & (outputs < 30)).sum() >= 5
+    n = np.array([s.n_adapters for s in wide])
+    assert n.max() > 1500
+    assert {s.max_loras for s in wide} - set(PLACEMENT_MAX_LORAS) <= {int(k) for k in n}
+    assert {3, 6} <= {s.max_loras for s in wide}  # on placement's grid, not the first design's
+    load, cfg = wide[0].build({})
+    assert load.lengths == lengths[0] and cfg.max_loras == wide[0].max_loras
+    with pytest.raises(ValueError, match="neither a menu entry"):
+        parse_lengths("gamma:1:2")
 
 
 def test_unknown_design_is_named():
@@ -370,10 +395,16 @@ def test_load_surrogate_error_names_the_directory_and_command(tmp_path, monkeypa
 def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["surrogate", "train", "--profile", PROFILE, "--samples", "30",
-                 "--capped-samples", "8", "--capped-light-samples", "5", "--window", "120",
-                 "--workers", "1", "--seed", "4", "--out", str(out), "--json"]) == 0
+                 "--capped-samples", "8", "--capped-light-samples", "5", "--wide-samples", "10",
+                 "--window", "120", "--workers", "1", "--seed", "4", "--out", str(out),
+                 "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
-    assert meta["n_samples"] == 43 and meta["n_capped"] == 13 and (out / "meta.yaml").exists()
+    assert meta["n_samples"] == 53 and meta["n_capped"] == 13 and (out / "meta.yaml").exists()
+    assert meta["n_wide"] == 10 and meta["held_out_wide"]["total_throughput_tps"]["n"] == 2
+    # the planning trees know where they were trained: the uncapped and wide designs' range
+    assert set(meta["domain"]) == set(DOMAIN_FEATURES)
+    lo, hi = meta["domain"]["mean_output"]
+    assert 0 < lo < hi
     assert meta["n_capped_light"] == 5 and meta["n_held_out_capped"] == 2 + 1
     assert meta["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
     assert meta["held_out_capped_light"]["total_throughput_tps"]["n"] == 1
@@ -384,7 +415,9 @@ def test_cli_train_then_eval_on_a_tiny_design(tmp_path, capsys):
     assert main(["surrogate", "eval", "--profile", PROFILE, "--dir", str(out), "--runs",
                  "none", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["held_out"]["total_throughput_tps"]["n"] == meta["n_held_out"]
+    # the planning trees' held-out rows: the first design's and the wide design's
+    assert report["held_out"]["total_throughput_tps"]["n"] + report["held_out_wide"][
+        "total_throughput_tps"]["n"] == meta["n_held_out"]
     assert report["held_out_capped_design"]["total_throughput_tps"]["n"] == 2
     assert report["held_out_capped_light"]["total_throughput_tps"]["n"] == 1
 

@@ -65,6 +65,56 @@ class SurrogateError(ValueError):
     """A surrogate that is missing, stale or asked for something it cannot do."""
 
 
+# The inputs the training design spans (twin.surrogate_data): a replica whose values fall
+# outside what the trees were fitted on is outside the surrogate's domain, and its figures are
+# guesses. Load (rates, offered / capacity) is not among them: the targets are normalised by the
+# analytic capacity so they stay physical beyond the trained load range (docs/surrogate.md).
+DOMAIN_FEATURES: tuple[str, ...] = (
+    "n_adapters", "mean_prompt", "mean_output", "prompt_cv", "output_cv", "max_loras",
+    "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
+)
+DOMAIN_SLACK = 0.02  # relative slack around the trained range (rounding, sampled means)
+_I_DOMAIN = np.array([FEATURE_NAMES.index(f) for f in DOMAIN_FEATURES])
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The trained range of each of ``DOMAIN_FEATURES`` (what ``outside`` checks rows against)."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Domain:
+        sub = np.asarray(x, float)[:, _I_DOMAIN]
+        return cls(sub.min(axis=0), sub.max(axis=0))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Domain:
+        return cls(np.array([float(d[f][0]) for f in DOMAIN_FEATURES]),
+                   np.array([float(d[f][1]) for f in DOMAIN_FEATURES]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {f: [float(lo), float(hi)] for f, lo, hi in
+                zip(DOMAIN_FEATURES, self.low, self.high, strict=True)}
+
+    def outside(self, x: np.ndarray) -> np.ndarray:
+        """(rows, DOMAIN_FEATURES) booleans: the value lies outside the trained range."""
+        sub = np.asarray(x, float)[:, _I_DOMAIN]
+        lo = self.low - DOMAIN_SLACK * np.abs(self.low)
+        hi = self.high + DOMAIN_SLACK * np.abs(self.high)
+        return (sub < lo) | (sub > hi)
+
+    def why(self, x_row: np.ndarray) -> str:
+        """The first feature of one row outside the range, in words."""
+        bad = self.outside(np.asarray(x_row, float)[None, :])[0]
+        for k in np.flatnonzero(bad):
+            v = float(np.asarray(x_row, float)[_I_DOMAIN[k]])
+            return (f"{DOMAIN_FEATURES[k]} = {v:.4g} outside the trained "
+                    f"[{self.low[k]:.4g}, {self.high[k]:.4g}]")
+        return "inside the trained ranges"
+
+
 # ------------------------------------------------------------------------------ the trees
 
 
@@ -283,6 +333,7 @@ class Surrogate:
         self._builder = FeatureBuilder(profile)
         self.capped_: Surrogate | None = None
         self.capped_design = False  # fitted on runs behind a client's cap too
+        self.domain_: Domain | None = None  # the trained range of DOMAIN_FEATURES
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -345,6 +396,7 @@ class Surrogate:
         self._set_boosters(boosters)
         self.n_train_ = int(len(x))
         self.capped_design = bool((x[:, _I_CAP] < CAP_NEVER_S).any())
+        self.domain_ = Domain.of(x)
         return self
 
     def _set_boosters(self, boosters: list[Any]) -> None:
@@ -413,6 +465,17 @@ class Surrogate:
         searches judge feasibility on (``twin.replica.predict_columns``), no dict per row."""
         return self.predict_arrays(self._builder(loads, configs))
 
+    def outside(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """Per row: a load without a client cap (a plan's replica) whose design inputs lie
+        outside what the planning trees were trained on (``Domain``); capped rows are read by
+        the capped set and not checked. A model saved without its domain refuses."""
+        x = np.asarray(X, float)
+        if self.domain_ is None:
+            raise SurrogateError("this surrogate was saved without its training domain; retrain "
+                                 f"it with `lorafleet surrogate train --profile "
+                                 f"{self.profile.name}`")
+        return self.domain_.outside(x).any(axis=1) & (x[:, _I_CAP] >= CAP_NEVER_S)
+
     def predict(
         self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
     ) -> list[dict[str, float]]:
@@ -451,6 +514,7 @@ class Surrogate:
             },
             "n_train": self.n_train_,
             "capped_design": self.capped_design,
+            "domain": self.domain_.to_dict() if self.domain_ is not None else None,
             "lightgbm_version": lgb.__version__,
             **(extra_meta or {}),
         }
@@ -491,6 +555,8 @@ class Surrogate:
         model._set_boosters(boosters)
         model.n_train_ = int(meta.get("n_train", 0))
         model.capped_design = bool(meta.get("capped_design", False))
+        if meta.get("domain"):
+            model.domain_ = Domain.from_dict(meta["domain"])
         model.meta_ = meta
         if meta.get("capped"):
             model.capped_ = cls.load(directory / meta["capped"], profile)
@@ -724,6 +790,7 @@ def train_surrogate(
     samples: int = 2000,
     capped_samples: int = 4000,
     capped_light_samples: int = 1000,
+    wide_samples: int = 2000,
     workers: int = 2,
     seed: int = 0,
     out: str | Path | None = None,
@@ -734,9 +801,10 @@ def train_surrogate(
 ) -> dict[str, Any]:
     """Generate twin runs (or reuse ``data``), fit, score on held-out runs, save; the meta.
 
-    ``capped_samples`` / ``capped_light_samples``: runs of the ``capped`` / ``capped_light``
-    designs (``twin.surrogate_data.DESIGNS``) in the table; those a reused ``data`` table lacks
-    are run and appended.
+    ``capped_samples`` / ``capped_light_samples`` / ``wide_samples``: runs of the ``capped`` /
+    ``capped_light`` / ``wide`` designs (``twin.surrogate_data.DESIGNS``) in the table; those a
+    reused ``data`` table lacks are run and appended. The planning trees are fitted on the
+    uncapped designs (``uncapped`` and ``wide``), and their domain is what those span.
     """
     from twin.surrogate_data import run_samples, sample_space
 
@@ -753,7 +821,8 @@ def train_surrogate(
         table = run_samples(specs, profile, duration_s=duration_s, workers=workers,
                             progress=progress).assign(design="uncapped")
         provenance["twin_runs_wall_s"] = round(time.perf_counter() - t0, 1)
-    for design, wanted in (("capped", capped_samples), ("capped_light", capped_light_samples)):
+    for design, wanted in (("capped", capped_samples), ("capped_light", capped_light_samples),
+                           ("wide", wide_samples)):
         have = int((table["design"] == design).sum())
         if wanted <= have:
             continue
@@ -777,6 +846,7 @@ def train_surrogate(
         "n_samples": int(len(table)),
         "n_capped": int(capped.sum()),
         "n_capped_light": int((table["design"] == "capped_light").sum()),
+        "n_wide": int((table["design"] == "wide").sum()),
         "n_held_out": int((held & ~capped).sum()),
         "n_held_out_capped": int((held & capped).sum()),
         "seed": seed,
@@ -797,7 +867,7 @@ def train_surrogate(
 
 HELD_OUT_KEYS = {  # report key of each design's held-out scores
     "uncapped": "held_out", "capped": "held_out_capped_design",
-    "capped_light": "held_out_capped_light",
+    "capped_light": "held_out_capped_light", "wide": "held_out_wide",
 }
 
 
@@ -812,7 +882,8 @@ def held_out_scores(model: Surrogate, held: pd.DataFrame) -> dict[str, Any]:
 
 
 _PROVENANCE_KEYS = ("twin_runs_wall_s", "twin_workers", "twin_commit", "capped_runs_wall_s",
-                    "capped_twin_commit", "capped_light_runs_wall_s", "capped_light_twin_commit")
+                    "capped_twin_commit", "capped_light_runs_wall_s", "capped_light_twin_commit",
+                    "wide_runs_wall_s", "wide_twin_commit")
 
 
 def _data_provenance(data: Path) -> dict[str, Any]:

@@ -56,6 +56,23 @@ CAPPED_LOAD: tuple[tuple[float, float, float], ...] = ((1.0, 0.8, 10.0),)
 CAPPED_LIGHT_LOAD: tuple[tuple[float, float, float], ...] = ((1.0, 0.1, 0.8),)
 
 
+# The wide design: what users bring beyond the first design's menu (issue #17: a 400-adapter
+# classification service with 64-token prompts and 24-token answers planned 90 replicas where
+# one serves). Lengths are drawn, not picked from a menu: prompt and output means log-uniform over
+# WIDE_PROMPT / WIDE_OUTPUT tokens, lognormal (spread WIDE_CV) or fixed; adapters up to
+# WIDE_MAX_ADAPTERS (so per-adapter rates reach 0.001 req/s and below); max_loras from the grid
+# placement chooses from (placement.policy.DEFAULT_MAX_LORAS_GRID), plus every adapter on its slot.
+WIDE_PROMPT: tuple[float, float] = (4.0, 4000.0)
+WIDE_OUTPUT: tuple[float, float] = (2.0, 2000.0)
+WIDE_CV: tuple[float, float] = (0.2, 1.2)
+WIDE_FIXED_SHARE = 0.3
+WIDE_MAX_ADAPTERS = 5000
+WIDE_MAX_TOTAL = 8192  # longest prompt + output drawn (and at most the profile's context)
+PLACEMENT_MAX_LORAS: tuple[int, ...] = (
+    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
+)
+
+
 @dataclass(frozen=True)
 class Design:
     """One part of the training design. Each draws from its own random stream, so adding runs
@@ -64,12 +81,14 @@ class Design:
     stream: int  # 0: the plain seed (the first design); k: the stream [seed, k]
     load_bands: tuple[tuple[float, float, float], ...]  # offered / analytic capacity
     capped: bool  # behind a client holding at most C (CAP_RANGE) requests in flight
+    wide: bool = False  # drawn lengths, up to WIDE_MAX_ADAPTERS adapters, placement's grid
 
 
 DESIGNS: dict[str, Design] = {
     "uncapped": Design(0, LOAD_BANDS, capped=False),
     "capped": Design(1, CAPPED_LOAD, capped=True),
     "capped_light": Design(2, CAPPED_LIGHT_LOAD, capped=True),
+    "wide": Design(3, LOAD_BANDS, capped=False, wide=True),
 }
 MIN_REQUESTS = 20  # a run with fewer offered requests says nothing about the replica
 TARGET_TASK_S = 0.05  # batch runs into tasks of at least this much estimated work
@@ -149,11 +168,12 @@ class SampleSpec:
         return np.random.default_rng(self.seed).permutation(ranks)
 
     def build(self, menu: dict[str, LengthModel]) -> tuple[ReplicaLoad, EngineConfig]:
+        lengths = menu.get(self.lengths) or parse_lengths(self.lengths)
         load = ReplicaLoad(
             adapter_ids=tuple(f"a{i}" for i in range(self.n_adapters)),
             ranks=self.rank_list(),
             rates_rps=self.total_rate_rps * self.weights(),
-            lengths=menu[self.lengths],
+            lengths=lengths,
             client_max_inflight=self.client_max_inflight or None,
         )
         config = EngineConfig(
@@ -178,6 +198,49 @@ class SampleSpec:
             v = row[key]
             kw[f.name] = v if f.type == "str" else (float(v) if f.type == "float" else int(v))
         return cls(**kw)
+
+
+def lengths_name(model: LengthModel) -> str:
+    """A drawn length model as the spec's ``lengths`` text (``parse_lengths`` reads it back):
+    ``fixed:P:O`` or ``lognormal:Pmean:Pstd:Omean:Ostd:max_total``."""
+    if model.kind == "fixed":
+        return f"fixed:{model.prompt}:{model.output}"
+    if model.kind == "lognormal":
+        return (f"lognormal:{model.prompt_mean:g}:{model.prompt_std:g}:{model.output_mean:g}:"
+                f"{model.output_std:g}:{model.max_total}")
+    raise ValueError(f"lengths: only fixed and lognormal models are drawn, got {model.kind!r}")
+
+
+def parse_lengths(text: str) -> LengthModel:
+    """The length model a spec's ``lengths`` names when it is not a menu entry (the wide
+    design's drawn ones, ``lengths_name``); ValueError naming the text otherwise."""
+    kind, _, rest = text.partition(":")
+    try:
+        values = [float(v) for v in rest.split(":")] if rest else []
+        if kind == "fixed" and len(values) == 2:
+            return LengthModel(kind="fixed", prompt=int(values[0]), output=int(values[1]))
+        if kind == "lognormal" and len(values) == 5:
+            return LengthModel(kind="lognormal", prompt_mean=values[0], prompt_std=values[1],
+                               output_mean=values[2], output_std=values[3],
+                               max_total=int(values[4]))
+    except ValueError:
+        pass
+    raise ValueError(f"lengths: {text!r} is neither a menu entry nor a drawn length model "
+                     "(fixed:P:O or lognormal:Pmean:Pstd:Omean:Ostd:max_total)")
+
+
+def _draw_lengths(rng: np.random.Generator, max_model_len: int) -> LengthModel:
+    """The wide design's length model: means log-uniform over WIDE_PROMPT / WIDE_OUTPUT (both
+    within the context), lognormal with a drawn spread or fixed."""
+    top = min(WIDE_MAX_TOTAL, max_model_len - 8)
+    prompt = _log_uniform(rng, WIDE_PROMPT[0], min(WIDE_PROMPT[1], top / 2))
+    output = _log_uniform(rng, WIDE_OUTPUT[0], min(WIDE_OUTPUT[1], top - prompt))
+    if rng.random() < WIDE_FIXED_SHARE:
+        return LengthModel(kind="fixed", prompt=max(1, round(prompt)), output=max(1, round(output)))
+    cv_p, cv_o = (float(rng.uniform(*WIDE_CV)) for _ in range(2))
+    return LengthModel(kind="lognormal", prompt_mean=round(prompt, 1),
+                       prompt_std=round(prompt * cv_p, 1), output_mean=round(output, 1),
+                       output_std=round(output * cv_o, 1), max_total=int(top))
 
 
 def _choice(rng: np.random.Generator, table: dict[int, float]) -> int:
@@ -218,12 +281,13 @@ def _draw_one(
 ) -> SampleSpec | None:
     """One spec, or None when no max_loras of the grid fits this profile's memory."""
     seed = int(rng.integers(0, 2**31 - 1))
-    n = int(rng.integers(1, 8)) if rng.random() < 0.1 else round(_log_uniform(rng, 8, 1500))
+    most = WIDE_MAX_ADAPTERS if design.wide else 1500
+    n = int(rng.integers(1, 8)) if rng.random() < 0.1 else round(_log_uniform(rng, 8, most))
     shape, param, n_hot = _draw_shape(rng, n)
     ranks = _draw_ranks(rng)
     max_rank = max(int(p.split(":")[0]) for p in ranks.split(","))
     slot_rank = _slot_rank(max_rank, rng)
-    grid = [g for g in MAX_LORAS_GRID if g <= n]
+    grid = [g for g in (PLACEMENT_MAX_LORAS if design.wide else MAX_LORAS_GRID) if g <= n]
     if n not in grid and rng.random() < 0.15:
         grid = [n]
     feasible = []
@@ -239,8 +303,13 @@ def _draw_one(
     cpu = n if rng.random() < 0.85 else int(rng.integers(max_loras, n + 1))
     mns = _choice(rng, MAX_NUM_SEQS)
     budget = max(_choice(rng, BUDGETS), mns)
-    names, _, weights = zip(*menu, strict=True)
-    lengths = names[rng.choice(len(names), p=np.array(weights) / sum(weights))]
+    if design.wide:
+        drawn = _draw_lengths(rng, profile.max_model_len)
+        lengths = lengths_name(drawn)
+        menu = (*menu, (lengths, drawn, 0.0))
+    else:
+        names, _, weights = zip(*menu, strict=True)
+        lengths = names[rng.choice(len(names), p=np.array(weights) / sum(weights))]
     bands = design.load_bands
     band = bands[rng.choice(len(bands), p=[b[0] for b in bands])]
     ratio = _log_uniform(rng, band[1], band[2])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placement.capacity_estimate import estimate_capacity
 from placement.common import (
     ReplicaSpec,
     WorkloadIndex,
@@ -21,7 +22,6 @@ from placement.common import (
     specs_feasible,
 )
 from placement.errors import PlacementError
-from placement.lower_bound import compute_lower_bound
 from placement.plan import Plan
 from placement.policy import PlacementContext
 from placement.replica_optimum import (
@@ -35,16 +35,17 @@ from twin.config import VALID_MAX_LORA_RANKS, EngineConfig
 from twin.workload import Workload
 
 SCAN_WINDOW = 8  # counts search_count tries one by one next to the bound and its answer
-MAX_OVER_BOUND = 8  # search_count stops at this many times the lower bound
+MAX_OVER_BOUND = 8  # search_count stops at this many times the capacity estimate
 
 
 def prepare(workload: Workload, ctx: PlacementContext) -> tuple[WorkloadIndex, PlacementContext]:
     """Every baseline's first step: reject unservable workloads, index the adapters, and carry
-    the lower bound on the context (computed once here when the planner did not)."""
+    the capacity estimate on the context (computed once here when the planner did not): the
+    baselines search their replica count from it, as published."""
     check_servable(workload, ctx)
     index = WorkloadIndex(workload)
-    if ctx.lower_bound is None:
-        ctx = replace(ctx, lower_bound=compute_lower_bound(workload, ctx, index=index))
+    if ctx.estimate is None:
+        ctx = replace(ctx, estimate=estimate_capacity(workload, ctx, index=index))
     return index, ctx
 
 
@@ -142,8 +143,8 @@ def search_count(
     window of the bound or of the bisection's answer.
     """
     limit = max(4 * len(index.ids), 2 * lo)
-    if ctx.lower_bound is not None:
-        limit = min(limit, max(2 * lo, MAX_OVER_BOUND * ctx.lower_bound.replicas))
+    if ctx.estimate is not None:
+        limit = min(limit, max(2 * lo, MAX_OVER_BOUND * ctx.estimate.replicas))
     hi = max(1, min(hi, limit) if hi is not None else limit)
     lo = max(1, min(lo, hi))
     tried: dict[int, list[ReplicaSpec]] = {}
@@ -225,5 +226,5 @@ def place_dealt(workload: Workload, ctx: PlacementContext, policy: str, deal: De
             return [ReplicaSpec({ids[p]: 1.0 for p in b}) for b in deal(rest, index, k) if b]
 
         specs += search_count(assign, index, ctx, hi=len(rest),
-                              lo=ctx.lower_bound.replicas - hot.replicas)
+                              lo=ctx.estimate.replicas - hot.replicas)
     return finish(workload, ctx, policy, specs, index, started)

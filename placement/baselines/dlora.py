@@ -95,7 +95,7 @@ class DLoraPolicy:
         def assign(n: int) -> list[ReplicaSpec]:
             return _specs(index, replicate(index, rounds_ctx, n), n)
 
-        specs = search_count(assign, index, ctx, lo=ctx.lower_bound.replicas)
+        specs = search_count(assign, index, ctx, lo=ctx.estimate.replicas)
         return finish(workload, ctx, self.name, specs, index, started)
 
 

@@ -67,18 +67,18 @@ class LoraServePolicy:
             shares = fractional_placement(slot, demand, ops, n)
             return [ReplicaSpec({index.ids[p]: phi for p, phi in s.items()}) for s in shares if s]
 
-        lo = max(ctx.lower_bound.replicas, math.ceil(total_util - 1e-9))
+        lo = max(ctx.estimate.replicas, math.ceil(total_util - 1e-9))
         specs = search_count(assign, index, ctx, lo=lo)
         return finish(workload, ctx, self.name, specs, index, started)
 
 
 def operating_points(ctx: PlacementContext, ranks: list[int]) -> dict[int, float]:
     """OP_R (tokens/s) per slot rank: what one replica sustains on the rank class's own mix, from
-    the lower bound's figures for the whole class: its best single-replica throughput C_R, or
+    the capacity estimate's figures for the whole class: its best single-replica throughput C_R, or
     less when the class has more adapters than one replica serves (m_R, e.g. 61 slots at rank
     64 on an H100): OP_R = O_R / max(O_R / C_R, n_R / (m_R + 1)), at the utilisation target. A
     class without one (no load) borrows the smallest known, so it still gets a budget weight."""
-    bound = ctx.lower_bound
+    bound = ctx.estimate
     assert bound is not None
     ops = dict.fromkeys(ranks, 0.0)
     for c in bound.classes:

@@ -1,0 +1,82 @@
+"""The surrogate's domain: rows outside what its planning trees were trained on are judged by
+the twin (placement.predictors.DomainGuard), counted and reported; a workload mostly outside is
+an error that names the feature and what to do (issue #17)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from placement.errors import PlacementError
+from placement.predictors import MAX_TWIN_RUNS_PER_CALL, DomainGuard
+from twin.config import EngineConfig
+from twin.lengths import LengthModel
+from twin.replica import PREDICTED_METRICS, ReplicaLoad
+from twin.surrogate import DOMAIN_FEATURES, Domain, SurrogateError, load_surrogate
+
+CONFIG = EngineConfig(max_loras=8, max_cpu_loras=16, max_lora_rank=16)
+
+
+def load(output: int, n: int = 16, rate: float = 4.0) -> ReplicaLoad:
+    return ReplicaLoad(tuple(f"a{i}" for i in range(n)), np.full(n, 16),
+                       np.full(n, rate / n), LengthModel(kind="fixed", prompt=200,
+                                                         output=output))
+
+
+class RecordingTwin:
+    """Stands in for TwinPredictor: remembers what it was asked, answers a fixed figure."""
+
+    def __init__(self) -> None:
+        self.calls: list[ReplicaLoad] = []
+        self.profile = type("P", (), {"name": "llama-3.1-8b-instruct"})()
+
+    def predict_one(self, ld: ReplicaLoad, config: EngineConfig) -> dict[str, float]:
+        self.calls.append(ld)
+        return {"total_throughput_tps": 123.0, "offered_total_tps": 456.0, "ttft_p50_ms": 1.0,
+                "ttft_p99_ms": 2.0, "itl_p50_ms": 3.0, "itl_p99_ms": 4.0, "starved": True}
+
+
+@pytest.fixture
+def narrow():
+    """The shipped Llama surrogate, with a domain of answers of 100-300 tokens only."""
+    model = load_surrogate("llama-3.1-8b-instruct")
+    x = model.features([load(100), load(300)], [CONFIG, CONFIG])
+    model.domain_ = Domain.of(x)
+    return model
+
+
+def test_the_domain_round_trips_and_says_why(narrow) -> None:
+    d = Domain.from_dict(narrow.domain_.to_dict())
+    assert np.array_equal(d.low, narrow.domain_.low) and set(d.to_dict()) == set(DOMAIN_FEATURES)
+    x = narrow.features([load(24), load(200)], [CONFIG, CONFIG])
+    assert narrow.outside(x).tolist() == [True, False]
+    assert narrow.domain_.why(x[0]).startswith("mean_output = 24 outside the trained [100, 300]")
+
+
+def test_rows_outside_go_to_the_twin_once_and_are_reported(narrow) -> None:
+    twin = RecordingTwin()
+    guard = DomainGuard(narrow, twin)
+    inside, outside = load(200), load(24)
+    first = guard.predict([inside, outside], [CONFIG, CONFIG])
+    assert first[1]["total_throughput_tps"] == 123.0 and first[1]["starved"] is True
+    assert first[0]["total_throughput_tps"] != 123.0  # the trees answered the other
+    guard.predict([outside], [CONFIG])  # remembered: no second run
+    assert twin.calls == [outside]
+    assert guard.domain_report() == {"twin_runs": 1, "predictions": 2,
+                                     "outside": {"mean_output": 1}}
+    assert guard.domain_report()["predictions"] == 0  # reset by the first report
+    cols = guard.predict_columns([outside], [CONFIG])
+    assert set(cols) == set(PREDICTED_METRICS) and cols["starved"].tolist() == [True]
+
+
+def test_a_workload_outside_the_domain_is_an_error_naming_the_feature(narrow) -> None:
+    guard = DomainGuard(narrow, RecordingTwin())
+    many = [load(20, rate=1.0 + i) for i in range(MAX_TWIN_RUNS_PER_CALL + 1)]
+    with pytest.raises(PlacementError, match=r"mean_output = 20 .*--predictor twin"):
+        guard.predict(many, [CONFIG] * len(many))
+
+
+def test_a_model_saved_without_its_domain_refuses(narrow) -> None:
+    narrow.domain_ = None
+    with pytest.raises(SurrogateError, match="without its training domain"):
+        narrow.outside(narrow.features([load(200)], [CONFIG]))
