@@ -52,11 +52,11 @@ from load_tests.phases import (  # noqa: E402
     hot_workload,
     shift_phases,
 )
-from orchestrator.controller import ControllerSettings  # noqa: E402
-from orchestrator.drift import DriftConfig  # noqa: E402
-from orchestrator.replan import ReplanConfig, replan  # noqa: E402
+from orchestrator.control.controller import ControllerSettings  # noqa: E402
+from orchestrator.control.drift import DriftConfig  # noqa: E402
+from orchestrator.control.replan import ReplanConfig, replan  # noqa: E402
+from placement.context import PlacementContext  # noqa: E402
 from placement.planner import make_plan  # noqa: E402
-from placement.policy import PlacementContext  # noqa: E402
 from placement.predictors import make_predictor  # noqa: E402
 from placement.verify import verify_plans  # noqa: E402
 from twin.profile import load_profile  # noqa: E402
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from orchestrator.controller import start_controller
-    from orchestrator.deploy import LocalHead, connect, free_port
-    from orchestrator.serving_spec import ServingSpec
+    from orchestrator.control.actor import start_controller
+    from orchestrator.control.cluster import LocalHead, connect, free_port
+    from orchestrator.serving.spec import ServingSpec
 
     profile = load_profile("tiny-llama-cpu")
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))

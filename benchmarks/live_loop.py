@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.live_loop import run_live_loop
+from orchestrator.measure.loop import run_live_loop
 
 
 def main() -> None:

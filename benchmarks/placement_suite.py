@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from placement.compare import compare  # noqa: E402
+from placement.context import PlacementContext  # noqa: E402
 from placement.errors import PlacementError  # noqa: E402
-from placement.planner import compare  # noqa: E402
-from placement.policy import PlacementContext  # noqa: E402
 from placement.predictors import DEFAULT_PREDICTOR, PREDICTORS, make_predictor  # noqa: E402
 from twin.azure_trace import read_azure_trace  # noqa: E402
 from twin.profile import load_profile  # noqa: E402

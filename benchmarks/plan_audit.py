@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from placement.audit import audit_plan, audit_workloads, summary  # noqa: E402
-from placement.policy import PlacementContext  # noqa: E402
+from placement.context import PlacementContext  # noqa: E402
 from placement.predictors import DEFAULT_PREDICTOR, PREDICTORS, make_predictor  # noqa: E402
 from placement.verify import verify_plans  # noqa: E402
 from twin.profile import load_profile  # noqa: E402

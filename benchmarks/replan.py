@@ -9,7 +9,7 @@ that size and shape (0.1 req/s per adapter on average, ranks 8-64) with the popu
 reshuffled over the adapters (the hot set moved) and 20 % more traffic.
 
 Each size is re-planned twice, the same work both times: verification fanned out as Ray tasks
-(``orchestrator.fanout.ray_map`` on an in-process Ray with 2 CPUs) and sequentially in this
+(``orchestrator.control.fanout.ray_map`` on an in-process Ray with 2 CPUs) and sequentially in this
 process (``twin.parallel.sequential_map``). Ray start-up (``ray_start_s``) and a warm-up (surrogate
 JIT in this process, module imports in the Ray workers; ``warmup_s``) are timed once and left
 out of the per-size figures; both are repeated on every line. Prints one JSON line per size:
@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.placement_suite import workloads  # noqa: E402
+from placement.context import PlacementContext  # noqa: E402
 from placement.planner import make_plan  # noqa: E402
-from placement.policy import PlacementContext  # noqa: E402
 from placement.predictors import make_predictor  # noqa: E402
 from placement.verify import verify_plans  # noqa: E402
 from twin.parallel import Mapper, Progress, sequential_map  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
     os.environ.setdefault(RAY_NICENESS_ENV, "0")
     import ray
 
-    from orchestrator.fanout import ray_map
+    from orchestrator.control.fanout import ray_map
 
     t0 = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR",

@@ -7,7 +7,8 @@ bodies (1-token completions):
 * ``direct``: the driver calls the engine replica's Serve handle the way the ingress does
   (``HANDLE_TRANSPORT``: the replica's gRPC server, pickled);
 * ``listener``: the driver POSTs ``/v1/completions`` to the ingress's own listener
-  (orchestrator/listener.py): FastAPI, auth, routing table, least-loaded copy -> the same handle;
+  (orchestrator/serving/listener.py): FastAPI, auth, routing table, least-loaded copy -> the
+  same handle;
 * ``direct_by_reference``: the handle with Serve's default transport (Ray's object store);
 * ``listener_httpx``: ``listener`` with httpx, the client of load_tests/openloop (aiohttp is the
   leaner client and the headline's);
@@ -38,8 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.engine_backend import GenerateRequest  # noqa: E402
-from orchestrator.synthetic_plan import GroupShape, split_adapters, synthetic_plan  # noqa: E402
+from orchestrator.serving.backend import GenerateRequest  # noqa: E402
+from placement.synthetic import GroupShape, split_adapters, synthetic_plan  # noqa: E402
 
 
 def _p(xs: list[float], q: float) -> float:
@@ -47,9 +48,9 @@ def _p(xs: list[float], q: float) -> float:
 
 
 async def _in_process(plan_path: str, n: int, scale: float) -> dict[str, float]:
-    from orchestrator.ingress import IngressCore, build_api
-    from orchestrator.replica import LocalClient, ReplicaCore
-    from orchestrator.serving_spec import ServingSpec
+    from orchestrator.serving.ingress import IngressCore, build_api
+    from orchestrator.serving.replica import LocalClient, ReplicaCore
+    from orchestrator.serving.spec import ServingSpec
 
     spec = ServingSpec.from_args({"plan_path": plan_path, "engine": "sim",
                                   "sim_time_scale": scale})
@@ -83,7 +84,7 @@ async def _through_serve(listener: str, proxy: str, n: int, concurrency: int,
     import aiohttp
     from ray import serve
 
-    from orchestrator.serve_app import HANDLE_TRANSPORT
+    from orchestrator.serving.app import HANDLE_TRANSPORT
 
     handle = serve.get_deployment_handle("engine-group-0-0", app_name="lorafleet")
     h = handle.options(method_name="complete", **HANDLE_TRANSPORT)  # as the ingress calls it
@@ -176,9 +177,10 @@ def main() -> int:
     # read when ray.serve is first imported, below
     os.environ["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = \
         "0" if args.caller_router == "own-loop" else "1"
-    from orchestrator.deploy import LocalHead, connect, free_port, wait_http
-    from orchestrator.serve_app import run_application
-    from orchestrator.serving_spec import ServingSpec
+    from orchestrator.control.cluster import LocalHead, connect, free_port
+    from orchestrator.control.deploy import wait_http
+    from orchestrator.serving.app import run_application
+    from orchestrator.serving.spec import ServingSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="lf-router-"))
     plan = synthetic_plan([GroupShape("group-0", split_adapters(8, 1)[0], max_num_seqs=256,

@@ -20,8 +20,7 @@ import time
 import numpy as np
 from locust import HttpUser, between, events, task
 
-from load_tests.openloop import DEFAULT_VOCAB
-from orchestrator.live_bench import FIRST_PROMPT_TOKEN
+from load_tests.openloop import DEFAULT_VOCAB, FIRST_PROMPT_TOKEN
 from twin.workload import Workload
 
 WORKLOAD_ENV = "LORAFLEET_WORKLOAD"

@@ -7,7 +7,7 @@ service's state (open loop - a closed loop would hide queueing), streamed, every
 timestamped. Prompts are token ids (exact prompt lengths on any backend) and ``ignore_eos``
 makes every request produce exactly its output length, as in ``lorafleet bench``.
 
-Scoring uses the twin's own metric code (``orchestrator.live_bench.measured_metrics``, i.e.
+Scoring uses the twin's own metric code (``orchestrator.measure.bench.measured_metrics``, i.e.
 ``twin.metrics.aggregate_metrics``): throughput counts completed requests in the window, TTFT and
 TPOT over completed requests, ITL pools the gaps. The same figures are computed per replica from
 the ``x-lorafleet-replica`` header, and a row in the runs-table format of ``lorafleet bench`` is
@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,21 +31,34 @@ from typing import Any
 import httpx
 import numpy as np
 
-from orchestrator.live_bench import (
-    FIRST_PROMPT_TOKEN,
+from twin.runs_table import (
     MEASURED_COLUMNS,
-    PROMPT_SEED_SALT,
     Measurement,
-    _jsonable,
-    _machine_label,
     append_row,
-    dispatch_open_loop,
+    jsonable,
+    machine_label,
     measured_metrics,
 )
 from twin.workload import RequestBatch, Workload, generate_requests
 
 DEFAULT_VOCAB = 2048  # the tiny model's; ids only need to be valid tokens
 DRAIN_S = 10.0
+FIRST_PROMPT_TOKEN = 7  # the tiny tokenizer's ids 0..6 are special tokens; prompts avoid them
+
+PROMPT_SEED_SALT = 0x7B0C  # prompt token ids use a stream independent of generate_requests'
+
+
+async def dispatch_open_loop(
+    arrival_s: np.ndarray, t0: float, clock: Callable[[], float],
+    one: Callable[[int], Coroutine[Any, Any, None]], tasks: list[asyncio.Task],
+) -> None:
+    """Start request i at ``t0 + arrival_s[i]``, never waiting for earlier ones (open loop, like
+    the reference benchmark); the started tasks go to ``tasks`` for the caller to drain."""
+    for i in range(len(arrival_s)):
+        delay = t0 + float(arrival_s[i]) - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
 
 
 @dataclass
@@ -231,10 +244,10 @@ def build_openloop_row(res: OpenLoopResult, *, url: str, seed: int, model_name: 
         "failed_requests": res.meas.engine.get("failed_requests"),
         "completed_token_fraction": m["completed_token_fraction"], "starved": m["starved"],
         "replicas": len(res.per_replica),
-        "per_replica_json": json.dumps(_jsonable({
+        "per_replica_json": json.dumps(jsonable({
             r: {k: v[k] for k in ("completed", "total_throughput_tps", "ttft_median_ms",
                                   "itl_median_ms")} for r, v in res.per_replica.items()})),
-        "serving_url": url, "plan_path": plan_path or "", "machine": _machine_label(),
+        "serving_url": url, "plan_path": plan_path or "", "machine": machine_label(),
         "created_utc": created.isoformat(timespec="seconds"), "seed": seed,
         "workload_json": json.dumps(w.to_dict(), sort_keys=True),
     })
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         n = append_row(args.out, row)
         err.print(f"appended row {n} to {args.out}")
     if args.json:
-        print(json.dumps(_jsonable({"metrics": res.metrics, "per_replica": res.per_replica,
+        print(json.dumps(jsonable({"metrics": res.metrics, "per_replica": res.per_replica,
                                     "engine": res.engine, "errors": len(res.errors)})))
         return 0
     t = Table(title=f"open loop: {workload.name}, {duration:g} s, {len(res.batch)} requests "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from orchestrator.live_bench import dispatch_open_loop
+from load_tests.openloop import dispatch_open_loop
 from twin.lengths import LengthModel
 from twin.workload import AdapterSpec, Workload, generate_requests
 

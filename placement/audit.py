@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from placement.common import ReplicaSpec, build_plan
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
 from placement.planner import make_plan, prepare
-from placement.policy import PlacementContext
 from twin.config import EngineConfig
 from twin.lengths import LengthModel, sharegpt
 from twin.replica import ReplicaLoad

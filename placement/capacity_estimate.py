@@ -52,11 +52,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placement.policy import PlacementContext
+from placement.common import WorkloadIndex
+from placement.context import PlacementContext
 from placement.replica_optimum import (
     _config,
     candidates,
@@ -68,9 +68,6 @@ from twin.config import EngineConfig
 from twin.replica import ReplicaLoad
 from twin.simulate import smallest_valid_rank
 from twin.workload import Workload
-
-if TYPE_CHECKING:
-    from placement.common import WorkloadIndex
 
 SPLIT_RATIO = 4  # hot/cold splits tried: the top n/4, n/16, n/64, ... adapters of a class
 SLICE_GROWTH = 4  # slices grow to SLICE_GROWTH x the class's adapters (its mix repeated)
@@ -120,7 +117,6 @@ def estimate_capacity(
     workload: Workload, ctx: PlacementContext, *, index: WorkloadIndex | None = None
 ) -> CapacityEstimate:
     """The bound of the module docstring for ``workload`` under ``ctx``'s predictor."""
-    from placement.common import WorkloadIndex
 
     index = index or WorkloadIndex(workload)
     offered = index.offered_tps

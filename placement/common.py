@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.lower_bound import compute_lower_bound
 from placement.plan import (
@@ -33,7 +34,6 @@ from placement.plan import (
     WorkloadRef,
     normalise_metrics,
 )
-from placement.policy import PlacementContext
 from placement.replica_optimum import ReplicaOptimum, check_rank_fits, loads_feasible, optimise
 from twin.config import ConfigError
 from twin.profile import InfeasibleConfigError

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placement.context import PlacementContext
 from placement.plan import PlacedAdapter, Plan, ReplicaGroup, Route, normalise_metrics
-from placement.policy import PlacementContext
 from placement.replica_optimum import is_feasible, max_feasible_scale, optimise, scaled_load
 from twin.config import EngineConfig
 from twin.lengths import LengthModel

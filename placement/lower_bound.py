@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from placement.context import PlacementContext
 from placement.errors import PlacementError
-from placement.policy import PlacementContext
 from twin.latency import FEATURES, rank_tiles
 from twin.simulate import smallest_valid_rank
 from twin.workload import Workload

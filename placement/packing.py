@@ -51,8 +51,8 @@ from placement.common import (
     lpt_assign_counted,
     smallest_feasible,
 )
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from placement.replica_optimum import (
     ReplicaOptimum,
     _config,

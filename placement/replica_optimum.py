@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from placement.context import PlacementContext
 from placement.errors import PlacementError
-from placement.policy import PlacementContext
 from twin.config import ConfigError, EngineConfig
 from twin.profile import InfeasibleConfigError
 from twin.replica import ReplicaLoad, predict_columns

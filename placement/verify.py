@@ -5,7 +5,8 @@ Placement decides with a fast predictor; the twin is the ground truth. Each grou
 Poisson arrivals at the rates the plan sends it, and its measured figures are stored next to the
 predicted ones (``ReplicaGroup.verified``). Runs fan out, heaviest first so the pool stays busy,
 over at most ``MAX_WORKERS`` processes (the machines this runs on have two cores) or over any
-``twin.parallel.Mapper`` the caller passes (``orchestrator.fanout.ray_map`` for a Ray cluster).
+``twin.parallel.Mapper`` the caller passes (``orchestrator.control.fanout.ray_map`` for a Ray
+cluster).
 """
 
 from __future__ import annotations

@@ -176,15 +176,21 @@ def problems(all_edges: Iterable[Edge], modules: dict[str, Path]) -> list[str]:
     out: list[str] = []
     mod_graph: dict[str, set[str]] = defaultdict(set)
     pkg_graph: dict[str, set[str]] = defaultdict(set)
+    top_graph: dict[str, set[str]] = defaultdict(set)
     for e in all_edges:
         if e.dst in modules and e.dst != e.src and not e.src.startswith(e.dst + "."):
             mod_graph[e.src].add(e.dst)
             if group(e.src) != group(e.dst):
                 pkg_graph[group(e.src)].add(group(e.dst))
+            top, dst_top = e.src.split(".")[0], e.dst.split(".")[0]
+            if top != dst_top:
+                top_graph[top].add(dst_top)
     for comp in cycles(mod_graph):
         out.append(f"import cycle between modules: {' <-> '.join(comp)}")
     for comp in cycles(pkg_graph):
         out.append(f"import cycle between packages: {' <-> '.join(comp)}")
+    for comp in cycles(top_graph):
+        out.append(f"import cycle between top-level packages: {' <-> '.join(comp)}")
     for e in all_edges:
         for src, dst in UPWARD:
             if (e.src == src or e.src.startswith(src + ".")) and (

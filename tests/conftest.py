@@ -72,7 +72,7 @@ def ray_cluster(tmp_path_factory):
     """
     from types import SimpleNamespace
 
-    from orchestrator.deploy import LocalHead, connect, free_port
+    from orchestrator.control.cluster import LocalHead, connect, free_port
 
     head = LocalHead.start(num_cpus=4, log_dir=tmp_path_factory.mktemp("ray-head"))
     try:

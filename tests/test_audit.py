@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from placement.audit import AuditResult, audit_workloads, summary
-from placement.policy import PlacementContext
+from placement.context import PlacementContext
 from placement.predictors import make_predictor
 from twin.profile import load_profile
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from placement.analytic import AnalyticPredictor
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
 from placement.planner import make_plan
-from placement.policy import POLICIES, PlacementContext, get_policy
+from placement.policy import POLICIES, get_policy
 from placement.replica_optimum import is_feasible
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
@@ -380,7 +381,7 @@ def test_agullo_greedy_takes_the_highest_rank_group_first(llama):
 def test_cli_compare_lists_every_policy_with_the_documented_keys(capsys, monkeypatch):
     from rich.console import Console
 
-    import orchestrator.cli as cli
+    import orchestrator.cli.output as cli
 
     monkeypatch.setattr(cli, "console", Console(width=200))
     code = main(["plan", SMALL, "--profile", LLAMA, "--predictor", "analytic", "--compare",

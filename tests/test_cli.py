@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = str(ROOT / "examples" / "workload_small.yaml")
@@ -25,7 +25,7 @@ def wide_console(monkeypatch):
     """Tables wrap at the terminal width; give them room so names stay on one line."""
     from rich.console import Console
 
-    import orchestrator.cli as cli
+    import orchestrator.cli.output as cli
 
     monkeypatch.setattr(cli, "console", Console(width=200))
 

@@ -70,26 +70,27 @@ def _serves_up_to(capacity_rps: float, collapse: float = 1.0):
 
 
 def test_equivalent_loads_solve_for_the_served_rate_and_keep_the_mix():
+    """40 req/s offered, 12 served, cap C = 28,232 over T = 3,600 s: the queue binds, and the
+    equivalent rate is served + 2C/T - C^2 / ((offered - served) T^2)
+    = 12 + 15.6844 - 2.1965 = 25.488 req/s, at which the model still serves 12 (> 12)."""
     loads = [_load([30.0, 10.0]), _load([3.0, 1.0]), _load([300.0, 100.0])]
     out = cap_equivalent_loads(loads, [28_232, 28_232, None], [T, T, T], _serves_up_to(12.0))
     assert out[1] is loads[1]  # under capacity: untouched
     assert out[2] is loads[2]  # no cap: untouched
     rate = out[0].rates_rps.sum()
-    assert rate == pytest.approx(float(cap_equivalent_rate(
-        np.array([40.0]), np.array([12.0]), np.array([28_232.0]), np.array([T]))[0]), rel=1e-6)
-    np.testing.assert_allclose(out[0].rates_rps / rate, loads[0].rates_rps / 40.0)
+    assert rate == pytest.approx(25.488, abs=1e-3)
+    np.testing.assert_allclose(out[0].rates_rps, [25.488 * 0.75, 25.488 * 0.25], atol=1e-3)
     assert out[0].adapter_ids == loads[0].adapter_ids
 
 
 def test_equivalent_loads_settle_on_a_consistent_rate_when_overload_collapses():
-    # overloaded, the model serves half its capacity: the rate returned must be one the
-    # model itself agrees with (here on the overloaded side of the step, at 21 req/s)
+    """Overloaded, the model serves half its capacity (6 req/s above 12): the rate returned
+    must be one the model itself agrees with. On the overloaded side, 100 offered and 6
+    served give 6 + 15.6844 - 28,232^2 / (94 x 3,600^2) = 6 + 15.6844 - 0.6543 = 21.030 req/s,
+    which is above 12, so the model does serve 6 there: consistent. (On the other side a rate
+    r <= 12 would be served in full and equal its own equivalent rate only at r = 100.)"""
     out = cap_equivalent_loads([_load([100.0])], [28_232], [T], _serves_up_to(12.0, 0.5))
-    rate = out[0].rates_rps.sum()
-    served = 6.0 if rate > 12.0 else rate
-    expected = float(cap_equivalent_rate(np.array([100.0]), np.array([served]),
-                                         np.array([28_232.0]), np.array([T]))[0])
-    assert rate == pytest.approx(expected, rel=1e-6) and rate > 12.0
+    assert out[0].rates_rps.sum() == pytest.approx(21.030, abs=1e-3)
 
 
 def test_equivalent_loads_reject_mismatched_lengths():

@@ -34,7 +34,7 @@ DOCS = REPO / "docs" / "cluster.md"
 LAUNCHER_CONFIGS = ["local.yaml", "aws-gpu.yaml", "gcp-gpu.yaml"]
 KUBERAY = CONFIGS / "kuberay-rayservice.yaml"
 DOCKERFILE = CONFIGS / "Dockerfile.gpu"
-SERVE_IMPORT_PATH = "orchestrator.serve_app:build_app"
+SERVE_IMPORT_PATH = "orchestrator.serving.app:build_app"
 # Where the launcher configs put the checkout (file_mounts) and the venv they install into.
 CHECKOUT = "~/lorafleet"
 VENV = "~/lorafleet-venv"
@@ -504,7 +504,9 @@ def test_dockerfile_pins_and_contents() -> None:
     assert f'"torch=={p["torch"]}" "vllm=={p["vllm"]}"' in text
     assert f'"ray[default,serve]=={p["ray"]}"' in text
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["setuptools"]["packages"]
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
+    assert packages == ["load_tests", "orchestrator", "placement", "twin"]
     for folder in [*packages, "profiles"]:
         assert f"COPY --chown=ray:users {folder} {folder}" in text, folder
     image = load_kuberay()["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from placement.consolidate import consolidate
+from placement.context import PlacementContext
 from placement.plan import PlacedAdapter, Plan, ProfileRef, ReplicaGroup, Route, WorkloadRef
-from placement.policy import PlacementContext
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import load_profile

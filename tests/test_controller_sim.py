@@ -21,10 +21,10 @@ from load_tests.phases import (
     hot_workload,
     shift_phases,
 )
-from orchestrator.controller import ControllerSettings
-from orchestrator.drift import DriftConfig
+from orchestrator.control.controller import ControllerSettings
+from orchestrator.control.drift import DriftConfig
+from placement.context import PlacementContext
 from placement.planner import make_plan
-from placement.policy import PlacementContext
 from placement.predictors import make_predictor
 from twin.profile import load_profile
 from twin.workload import Workload
@@ -50,8 +50,8 @@ def fleet(ray_cluster, tmp_path_factory):
     import ray
     from ray import serve
 
-    from orchestrator.controller import start_controller
-    from orchestrator.serving_spec import ServingSpec
+    from orchestrator.control.actor import start_controller
+    from orchestrator.serving.spec import ServingSpec
 
     profile = load_profile("tiny-llama-cpu")
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
@@ -232,7 +232,7 @@ def test_whatif_answers_from_the_live_estimate_without_applying(fleet) -> None:
     assert set(after["plan"]["routing"]) == set(IDS) and after["replicas"] < more["replicas"]
     assert set(counts) == {200}
     # registering through the actor stamps every engine (a restart must still know the adapter)
-    from orchestrator.adapter_registry import AdapterEntry
+    from orchestrator.serving.registry import AdapterEntry
 
     assert ray.get(actor.register.remote([AdapterEntry("zz", 8, uri="sim://zz")]),
                    timeout=120) == ["zz"]

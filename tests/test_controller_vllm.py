@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from orchestrator.ingress import REPLICA_HEADER
-from orchestrator.live_bench import dispatch_open_loop
-from orchestrator.synthetic_plan import GroupShape, synthetic_plan
+from orchestrator.measure.bench import dispatch_open_loop
+from orchestrator.serving.ingress import REPLICA_HEADER
+from placement.synthetic import GroupShape, synthetic_plan
 
 pytestmark = pytest.mark.integration
 BEFORE = {"group-a": [("adapter-0000", 8), ("adapter-0001", 16)],
@@ -54,9 +54,10 @@ def test_vllm_replicas_swap_adapters_under_load_without_a_failed_request(
     import ray
     from ray import serve
 
-    from orchestrator.controller import ControllerSettings, start_controller
-    from orchestrator.serving_spec import ServingSpec
-    from orchestrator.tiny_model import build_tiny_model
+    from orchestrator.control.actor import start_controller
+    from orchestrator.control.controller import ControllerSettings
+    from orchestrator.measure.tiny_model import build_tiny_model
+    from orchestrator.serving.spec import ServingSpec
 
     build_tiny_model(tmp_path / "tiny", n_adapters=4, ranks=(8, 16))
     synthetic_plan([GroupShape(g, a) for g, a in BEFORE.items()]).to_yaml(tmp_path / "p.yaml")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import live_bench
-from orchestrator.live_bench import (
+from orchestrator.measure import bench as live_bench
+from orchestrator.measure.bench import (
     ERROR_TAG,
     FIRST_PROMPT_TOKEN,
     MEASURED_COLUMNS,
@@ -32,8 +32,10 @@ from orchestrator.live_bench import (
     measured_metrics,
     prepare,
 )
-from orchestrator.tiny_model import build_tiny_model
+from orchestrator.measure.tiny_model import build_tiny_model
 from twin.metrics import aggregate_metrics
+from twin import runs_table
+from twin.runs_table import jsonable
 from twin.validate import REQUIRED_COLUMNS, load_runs, run_workload
 from twin.workload import Workload, generate_requests
 
@@ -177,7 +179,7 @@ def test_metrics_delegate_to_aggregate_metrics(tmp_path, tiny, monkeypatch):
         calls.append((rec, window_s, itl_gap_ms, itl_weight, preempt_gap_ms))
         return aggregate_metrics(rec, window_s, itl_gap_ms, itl_weight, preempt_gap_ms)
 
-    monkeypatch.setattr(live_bench, "aggregate_metrics", spy)
+    monkeypatch.setattr(runs_table, "aggregate_metrics", spy)
     measured_metrics(plan.batch, meas)
     (rec, window, gaps, weights, preempt), = calls
     assert window == plan.window_s
@@ -323,7 +325,7 @@ def test_cmd_bench_streams_progress_and_prints_the_result(tmp_path, tiny, monkey
     plan = prepare(make_config(tmp_path, tiny))
     meas = fake_measurement(plan)
     row = build_row(plan, meas, measured_metrics(plan.batch, meas))
-    payload = live_bench._jsonable({"row": row, "runs_csv": "R.csv", "row_number": 3})
+    payload = jsonable({"row": row, "runs_csv": "R.csv", "row_number": 3})
     lines = [f"{PROGRESS_TAG} engine started in 11.5 s", "INFO some vLLM log line",
              RESULT_TAG + json.dumps(payload)]
     seen = {}
@@ -336,7 +338,7 @@ def test_cmd_bench_streams_progress_and_prints_the_result(tmp_path, tiny, monkey
     args = make_parser().parse_args(bench_argv(plan.config.workload, tiny.root, tmp_path / "r"))
     assert args.func(args) == 0
     out, err = capsys.readouterr()
-    assert seen["cmd"][1:3] == ["-m", "orchestrator.live_bench"]
+    assert seen["cmd"][1:3] == ["-m", "orchestrator.measure.bench"]
     assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert "engine started in 11.5 s" in err and "some vLLM log line" not in err
     assert "TTFT mean (ms)" in out and "appended row 3 to R.csv" in out

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.live_loop import run_live_loop
+from orchestrator.measure.loop import run_live_loop
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator.live_profile import (
+from orchestrator.measure.profile import (
     KV_COLUMNS,
     LOAD_COLUMNS,
     PREFILL_PROMPTS,
@@ -42,7 +42,7 @@ from orchestrator.live_profile import (
     validate_plan,
     write_tables,
 )
-from orchestrator.tiny_model import build_tiny_model
+from orchestrator.measure.tiny_model import build_tiny_model
 from twin.calibrate import (
     META_KEYS,
     REQUIRED_FILES,
@@ -233,7 +233,7 @@ def test_loads_frame_has_reference_columns():
 
 
 def resolve_adapters_fixture():
-    from orchestrator.live_profile import Adapter
+    from orchestrator.measure.profile import Adapter
 
     return (Adapter("a", 8, Path("/x/a"), 1), Adapter("b", 16, Path("/x/b"), 2))
 
@@ -325,7 +325,7 @@ def test_calibrate_recovers_a_known_law_from_written_tables(tmp_path):
 
 
 def test_cache_rank_orders_cpu_hits_first():
-    from orchestrator.live_profile import cache_rank
+    from orchestrator.measure.profile import cache_rank
 
     wm = SimpleNamespace(
         _adapter_manager=SimpleNamespace(_active_adapters={2: None}),
@@ -388,7 +388,7 @@ def test_cli_arguments_and_child_command(tmp_path):
     ])
     assert (args.engine, args.quick, args.seed, args.model_name) == ("vllm", True, 3, "tiny-x")
     cmd = child_command(args, tmp_path)
-    assert cmd[1:3] == ["-m", "orchestrator.live_profile"]
+    assert cmd[1:3] == ["-m", "orchestrator.measure.profile"]
     assert {"--quick", "--omp-threads"} <= set(cmd) and "tiny-x" in cmd
     with pytest.raises(SystemExit):
         make_parser().parse_args(["profile", "--engine", "sglang", "--model", "/m"])

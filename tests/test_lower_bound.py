@@ -10,9 +10,9 @@ import pytest
 from conftest import make_profile
 
 from placement.audit import audit_plan
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.lower_bound import SAMPLE_MARGIN, STARVED_BELOW, compute_lower_bound
-from placement.policy import PlacementContext
 from placement.predictors import make_predictor
 from placement.verify import verify_plans
 from twin.lengths import LengthModel

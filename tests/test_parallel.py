@@ -8,8 +8,8 @@ import time
 import pytest
 
 from placement.analytic import AnalyticPredictor
+from placement.context import PlacementContext
 from placement.planner import make_plan
-from placement.policy import PlacementContext
 from placement.verify import verify_plans
 from twin.parallel import process_map, sequential_map
 from twin.profile import load_profile
@@ -97,7 +97,7 @@ def test_verify_plans_is_the_same_with_every_mapper(two_plans):
 def test_ray_map_needs_a_running_ray(monkeypatch):
     import ray
 
-    from orchestrator.fanout import ray_map
+    from orchestrator.control.fanout import ray_map
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a process without Ray
     with pytest.raises(RuntimeError, match="ray.init"):
@@ -110,7 +110,7 @@ def test_ray_map_needs_a_running_ray(monkeypatch):
 
 @pytest.mark.integration
 def test_ray_map_matches_sequential_map(ray_cluster, two_plans):
-    from orchestrator.fanout import ray_map
+    from orchestrator.control.fanout import ray_map
 
     jobs = [float(x) for x in range(23)]
     want = sequential_map(math.sqrt, jobs)
@@ -133,7 +133,7 @@ def test_ray_map_matches_sequential_map(ray_cluster, two_plans):
 
 @pytest.mark.integration
 def test_ray_map_names_the_failing_job(ray_cluster):
-    from orchestrator.fanout import ray_map
+    from orchestrator.control.fanout import ray_map
 
     jobs = [1.0, 4.0, 9.0, 16.0, 25.0, -1.0, 36.0]  # sqrt(-1): ValueError in job 5
     for batch_size in (1, 3):
@@ -146,7 +146,7 @@ def test_ray_map_names_the_failing_job(ray_cluster):
 def test_ray_map_never_waits_without_bound(ray_cluster):
     """No CPU free for a task (replicas reserved them all), or no task finishing within the
     stall timeout: the jobs run in the calling process and the fallback says why."""
-    from orchestrator.fanout import ray_map
+    from orchestrator.control.fanout import ray_map
 
     why: list[str] = []
     got = ray_map(num_cpus=1000.0, on_fallback=why.append)(math.sqrt, [4.0, 9.0])

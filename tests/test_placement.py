@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from placement.analytic import AnalyticPredictor
 from placement.capacity_estimate import estimate_capacity, nested_cover
 from placement.common import WorkloadIndex, lpt_assign, lpt_assign_counted
+from placement.compare import compare
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.packing import _pack, _replicas
 from placement.plan import Plan
-from placement.planner import compare, make_plan, prepare
-from placement.policy import POLICIES, PlacementContext, get_policy
+from placement.planner import make_plan, prepare
+from placement.policy import POLICIES, get_policy
 from placement.predictors import make_predictor
 from placement.replica_optimum import (
     _STAGED_FROM,
@@ -37,7 +39,7 @@ from placement.replica_optimum import (
     optimise,
     replica_optimum,
 )
-from placement.verify import verify_plan
+from placement.verify import verify_plan, verify_plans
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import load_profile
@@ -469,7 +471,7 @@ SUMMARY_KEYS = {"replicas", "starved_replicas", "verified_total_throughput_tps",
 def wide_console(monkeypatch):
     from rich.console import Console
 
-    import orchestrator.cli as cli
+    import orchestrator.cli.output as cli
 
     monkeypatch.setattr(cli, "console", Console(width=200))
 
@@ -553,7 +555,7 @@ def test_analytic_predictor_behaves(llama):
 
 def test_estimate_survives_idle_adapters_next_to_a_hot_one():
     from placement.analytic import AnalyticPredictor
-    from placement.policy import PlacementContext
+    from placement.context import PlacementContext
     from twin.lengths import LengthModel
     from twin.profile import load_profile
     from twin.workload import AdapterSpec, Workload
@@ -565,8 +567,13 @@ def test_estimate_survives_idle_adapters_next_to_a_hot_one():
         lengths=LengthModel(kind="sharegpt"),
     )
     ctx = PlacementContext.for_profile(profile, AnalyticPredictor(profile))
-    lb = estimate_capacity(w, ctx)
-    assert lb.replicas >= 1
+    est = estimate_capacity(w, ctx)
+    # an idle adapter offers nothing: the estimate is the hot adapter's alone
+    alone = estimate_capacity(replace(w, adapters=w.adapters[:1]), ctx)
+    lengths = w.lengths
+    assert est.offered_tps == pytest.approx(30.0 * (lengths.mean_prompt() + lengths.mean_output()))
+    assert est.replicas == alone.replicas and est.fractional == pytest.approx(alone.fractional)
+    assert math.isfinite(est.fractional) and est.replicas == math.ceil(est.fractional - 1e-9)
 
 
 def test_fill_rounds_offer_a_full_bins_leftovers_to_the_others(llama):
@@ -620,22 +627,75 @@ def test_lorafleet_settles_on_the_twin_and_baselines_do_not(llama):
     """The predictor says a replica serves 1,000 tok/s, the twin 800: the first plan's two
     replicas starve in the twin, so lorafleet plans again at a tighter margin until none does;
     a baseline's plan is reported as verified, starved replicas and all."""
-    from placement.planner import verify_and_settle
+    from placement.choose import ChoiceRule, choose_plan
 
     w = workload([(f"a{i:02d}", 8, 0.5) for i in range(20)])  # 20 x 100 tok/s
     ctx = prepare(w, ctx_for(llama, flat(1000.0)))
-    twin = {"duration_s": 60.0, "mapper": _twin_serving_at_most(800.0)}
+    calls: list[int] = []
+
+    def twin(capacity_tps: float):
+        def verify(plans):
+            calls.append(len(plans))
+            return verify_plans(plans, llama, duration_s=60.0,
+                                mapper=_twin_serving_at_most(capacity_tps))
+        return verify
+
+    def rule(policy: str) -> ChoiceRule:
+        return ChoiceRule(policy=policy, target_utilisations=(ctx.target_utilisation,))
+
     first = make_plan(w, ctx, "lorafleet")
     assert first.replicas == 2
-    settled = verify_and_settle(first, w, ctx, **twin)
+    settled = choose_plan(w, ctx, rule("lorafleet"), twin(800.0))
+    # 2,000 tok/s over replicas of 800: 3 replicas (667 tok/s each) is the fewest the twin feeds
     assert settled.is_verified and settled.starved_replicas() == 0
     assert settled.replicas == 3
     assert settled.settings["target_utilisation"] < first.settings["target_utilisation"]
-    baseline = verify_and_settle(make_plan(w, ctx, "round_robin"), w, ctx, **twin)
+    assert calls[0] == 1 and len(calls) >= 2  # the first plan, then tighter ones one at a time
+    baseline = choose_plan(w, ctx, rule("round_robin"), twin(800.0))
     assert baseline.replicas == 2 and baseline.starved_replicas() == 2
     # a plan the twin cannot settle within the rounds comes back with its starved replicas
-    stuck = verify_and_settle(first, w, ctx, duration_s=60.0, mapper=_twin_serving_at_most(1.0))
+    calls.clear()
+    stuck = choose_plan(w, ctx, rule("lorafleet"), twin(1.0))
     assert stuck.is_verified and stuck.starved_replicas() > 0
+    assert len(calls) == 1 + ChoiceRule().settle_rounds
+
+
+def test_the_choice_rule_verifies_once_tightens_only_its_own_plans_and_prices_extras(llama):
+    """``placement.choose``: every unverified candidate in ONE verify call; only candidates the
+    lorafleet policy planned at a utilisation are tightened (a baseline and a plan without a
+    utilisation, like the controller's consolidated one, keep their starved replicas); the
+    choice adds the caller's extra cost, and ties go to fewer replicas."""
+    from placement.choose import Candidate, ChoiceRule, best, candidates, score, settle
+
+    w = workload([(f"a{i:02d}", 8, 0.5) for i in range(20)])  # 20 x 100 tok/s
+    ctx = prepare(w, ctx_for(llama, flat(1000.0)))
+    two_u = candidates(w, ctx, ChoiceRule(target_utilisations=(1.0, 0.98)))
+    assert [(c.label, c.plan.replicas) for c in two_u] == [("u=1", 2), ("u=0.98", 3)]
+    rule = ChoiceRule(target_utilisations=(1.0, 1.0))
+    cands = candidates(w, ctx, rule)
+    assert [c.label for c in cands] == ["u=1"]  # the same plan twice: verified once
+    calls: list[int] = []
+
+    def verify(plans):
+        calls.append(len(plans))
+        return verify_plans(plans, llama, duration_s=60.0, mapper=_twin_serving_at_most(800.0))
+
+    baseline = Candidate("rr", make_plan(w, ctx, "round_robin"), ctx.target_utilisation)
+    fixed = Candidate("fixed", cands[0].plan)  # no utilisation: never re-planned
+    out = settle([cands[0], baseline, fixed], w, ctx, verify, rule)
+    assert calls[0] == 3 and all(n == 1 for n in calls[1:])  # then only u=1 is re-planned
+    by = {c.label: c.plan for c in out}
+    assert by["u=1"].starved_replicas() == 0 and by["u=1"].replicas == 3
+    assert by["rr"].starved_replicas() == 2 and by["fixed"].starved_replicas() == 2
+    # 3 fed replicas (score 3) beat 2 starved ones (2 + 2 x 100) ...
+    assert score(by["u=1"]) == 3.0 and score(by["fixed"]) == 202.0
+    assert best(out, rule).label == "u=1"
+    # ... unless the caller's extra cost says otherwise; a tie goes to fewer replicas
+    assert best(out, rule, extra=lambda c: 500.0 if c.label == "u=1" else 0.0).label == "fixed"
+    two = Candidate("b", by["fixed"].with_verified({g.name: {**g.verified, "starved": False}
+                                                    for g in by["fixed"].groups}))
+    three = Candidate("a", by["u=1"])
+    assert best([three, two], rule, extra=lambda c: 1.0 if c.label == "b" else 0.0).label == "b"
 
 
 def test_a_count_search_started_too_high_comes_down():

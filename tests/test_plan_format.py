@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from placement.context import PlacementContext
 from placement.errors import PlanFormatError
 from placement.plan import PLAN_FORMAT_VERSION, Plan, Route
 from placement.planner import make_plan
-from placement.policy import PlacementContext
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import load_profile

@@ -1,5 +1,5 @@
-"""Drift detection (orchestrator/drift.py) and re-planning with a move cost
-(orchestrator/replan.py), on the tiny CPU profile with the analytic predictor and short twin
+"""Drift detection (orchestrator/control/drift.py) and re-planning with a move cost
+(orchestrator/control/replan.py), on the tiny CPU profile with the analytic predictor and short twin
 verification runs (no Ray)."""
 
 from __future__ import annotations
@@ -10,21 +10,21 @@ from functools import partial
 import numpy as np
 import pytest
 
-from orchestrator.drift import DriftConfig, detect_drift, latest_change, replica_gaps
-from orchestrator.replan import (
+from orchestrator.control.drift import DriftConfig, detect_drift, latest_change, replica_gaps
+from orchestrator.control.replan import (
     MoveCost,
     ReplanConfig,
     candidate_plans,
     move_cost,
     replan,
     rerate,
-    score,
     whatif_workload,
 )
-from orchestrator.workload_window import TelemetryBatch, WorkloadWindow
+from orchestrator.control.window import TelemetryBatch, WorkloadWindow
+from placement.choose import score
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import PlacedAdapter, Plan, ProfileRef, ReplicaGroup, Route, WorkloadRef
-from placement.policy import PlacementContext
 from placement.predictors import make_predictor
 from placement.verify import verify_plans
 from twin.config import EngineConfig
@@ -104,7 +104,7 @@ def test_live_vs_predicted_gaps_are_calibration_notes_not_drift():
     """A live figure off the twin's says the twin needs calibrating; it never drifts."""
     import inspect
 
-    from orchestrator.drift import calibration_notes
+    from orchestrator.control.drift import calibration_notes
 
     live = {"total_throughput_tps": 650.0, "ttft_mean_ms": 300.0}
     gaps = replica_gaps("g0/0", live, {"total_throughput_tps": 1000.0, "ttft_p50_ms": 100.0})
@@ -368,9 +368,15 @@ def test_replan_places_newly_registered_adapters(ctx, verify, deployed):
 
 
 def test_replan_ignores_base_model_traffic(ctx, verify, deployed):
+    """Placement cannot place base-model traffic yet: 0.5 req/s of it next to the planned 24
+    req/s of adapter traffic is left out, and the decision is the one without it (keep)."""
     w = replace(fleet(24.0), base_model_rate_rps=0.5)
     d = replan(w, ctx, deployed, ReplanConfig(), verify)
-    assert not d.apply
+    same = replan(fleet(24.0), ctx, deployed, ReplanConfig(), verify)
+    assert not d.apply and "keeping the current plan" in d.reason
+    assert d.scores == same.scores and d.reason == same.reason
+    assert d.plan.workload.total_rate_rps == pytest.approx(24.0)
+    assert d.current_plan.workload.total_rate_rps == pytest.approx(24.0)
 
 
 def test_candidate_plans_skip_utilisations_over_budget(ctx):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,17 +13,17 @@ import httpx
 import pytest
 from conftest import make_profile
 
-from orchestrator.adapter_registry import AdapterRegistry, RegistryError
-from orchestrator.api_keys import ApiKeys
-from orchestrator.engine_backend import GenerateRequest, UnknownModel
-from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER, IngressCore, build_api
-from orchestrator.listener import Listener, ListenError, bind, parse_listen
-from orchestrator.replica import LocalClient, ReplicaCore
-from orchestrator.routing import ReplicaId, RoutingTable
-from orchestrator.serving_spec import ServingSpec, SpecError
-from orchestrator.sim_engine import SimEngine
-from orchestrator.synthetic_plan import GroupShape, split_adapters, synthetic_plan
-from orchestrator.telemetry import RequestRecord, Telemetry
+from orchestrator.serving.api_keys import ApiKeys
+from orchestrator.serving.backend import GenerateRequest, UnknownModel
+from orchestrator.serving.ingress import ENGINE_HEADER, REPLICA_HEADER, IngressCore, build_api
+from orchestrator.serving.listener import Listener, ListenError, bind, parse_listen
+from orchestrator.serving.registry import AdapterRegistry, RegistryError
+from orchestrator.serving.replica import LocalClient, ReplicaCore
+from orchestrator.serving.routing import ReplicaId, RoutingTable
+from orchestrator.serving.sim_engine import SimEngine
+from orchestrator.serving.spec import ServingSpec, SpecError
+from orchestrator.serving.telemetry import RequestRecord, Telemetry
+from placement.synthetic import GroupShape, split_adapters, synthetic_plan
 from twin.config import EngineConfig
 
 # ----------------------------------------------------------------------------- routing table
@@ -53,6 +52,31 @@ def test_routing_unknown_adapter_names_it_and_base_model_goes_anywhere() -> None
     assert table.route("base", load.__getitem__) == ReplicaId("g1", 1)
     with pytest.raises(ValueError, match="unknown group"):
         RoutingTable({"a": [("gx", 1.0)]}, {"g0": 1})
+
+
+def test_a_retry_follows_the_same_weights_without_the_failed_replica() -> None:
+    """``hot`` goes 3:1 to g-hot (2 copies) and g-shared (1 copy). After g-hot/0 failed, the
+    retry keeps the plan's weights (g-hot/1 still serves g-hot's share: 3:1), where a
+    least-loaded pick over the survivors would ignore them; after both g-hot copies failed
+    all of it goes to g-shared; with every copy tried there is none left."""
+    table = RoutingTable({"hot": [("g-hot", 0.75), ("g-shared", 0.25)]},
+                         {"g-hot": 2, "g-shared": 1}, rng=random.Random(2))
+    h0, h1, sh = ReplicaId("g-hot", 0), ReplicaId("g-hot", 1), ReplicaId("g-shared", 0)
+    busy = {h0: 0, h1: 5, sh: 0}  # g-hot/1 is the busiest survivor
+    picks = Counter(table.route("hot", busy.__getitem__, exclude={h0}) for _ in range(4000))
+    assert set(picks) == {h1, sh}
+    assert abs(picks[h1] / 4000 - 0.75) < 0.03  # binomial sd 0.007
+    assert {table.route("hot", busy.__getitem__, exclude={h0, h1}) for _ in range(50)} == {sh}
+    assert table.route("hot", busy.__getitem__, exclude={h0, h1, sh}) is None
+    # the base model: any replica not tried, least-loaded first
+    base = RoutingTable({"hot": [("g-hot", 1.0)]}, {"g-hot": 2, "g-shared": 1})
+    assert base.route("base", busy.__getitem__, exclude={h0, sh}) == h1
+    assert base.route("base", busy.__getitem__, exclude={h0, h1, sh}) is None
+
+
+def test_a_request_is_tried_on_two_replicas_at_most() -> None:
+    table = RoutingTable({"a": [("g0", 1.0)]}, {"g0": 3})
+    assert [table.may_retry(n) for n in (1, 2, 3)] == [True, False, False]
 
 
 def test_routing_table_from_plan_splits_hot_adapter() -> None:
@@ -133,30 +157,34 @@ def test_telemetry_window_figures() -> None:
 
 
 def test_sim_engine_steps_take_the_profiles_time_and_respect_max_loras() -> None:
+    """Two requests of 10 output tokens (8-token prompts, one step of prefill that yields the
+    first token) on two adapters with max_loras=1: b cannot join a's batch, so it runs after
+    it, 10 + 10 = 20 steps of the profile's 5 ms (together they would take 10)."""
     prof = make_profile(const_ms=5.0)  # every step 5 ms
 
-    async def run() -> tuple[float, list[int]]:
+    async def run() -> tuple[SimEngine, list[int], list[str]]:
         eng = SimEngine(EngineConfig(max_loras=1, max_lora_rank=8, max_num_seqs=8,
-                                     max_num_batched_tokens=64), prof, {"a": 8, "b": 8})
+                                     max_num_batched_tokens=64), prof, {"a": 8, "b": 8},
+                        time_scale=10.0)
         await eng.start()
-        t0 = time.perf_counter()
+        done: list[str] = []
 
         async def one(adapter: str) -> int:
             n = 0
             async for d in eng.generate(GenerateRequest(adapter, adapter, 10,
                                                         prompt_token_ids=(1,) * 8)):
                 n += d.n_tokens
+            done.append(adapter)
             return n
 
         counts = await asyncio.gather(one("a"), one("b"))
-        el = time.perf_counter() - t0
         await eng.stop()
-        return el, counts
+        return eng, list(counts), done
 
-    elapsed, counts = asyncio.run(run())
-    assert counts == [10, 10]
-    # max_loras=1: b waits until a finishes -> about 20 steps of 5 ms, not 10
-    assert 0.09 < elapsed < 0.5
+    eng, counts, done = asyncio.run(run())
+    assert counts == [10, 10] and done == ["a", "b"]
+    assert eng.steps == 20
+    assert eng.busy_ms == pytest.approx(20 * 5.0)
 
 
 # ----------------------------------------------------------------------------- ingress (in-process)
@@ -320,8 +348,8 @@ def test_dead_replica_fails_explicitly(sim_stack) -> None:
 def test_a_replica_lacking_a_routed_adapter_is_retried_then_503_never_404() -> None:
     """A replica re-targeted away from an adapter (or restarted by Serve with its first
     adapters) refuses it; the ingress tries the other copy, and with none left answers 503."""
-    from orchestrator.adapter_registry import AdapterEntry
-    from orchestrator.engine_backend import EngineUnavailable
+    from orchestrator.serving.backend import EngineUnavailable
+    from orchestrator.serving.registry import AdapterEntry
 
     plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
 
@@ -348,7 +376,7 @@ def test_a_replica_lacking_a_routed_adapter_is_retried_then_503_never_404() -> N
 
 
 def _spec_for(plan, copy: int):
-    from orchestrator.replica import ReplicaSpec
+    from orchestrator.serving.spec import ReplicaSpec
 
     g = plan.groups[0]
     reg = AdapterRegistry.ranks_only({a.id: a.rank for a in g.adapters})
@@ -376,7 +404,7 @@ def test_serving_spec_errors(tmp_path: Path) -> None:
 
 
 def test_deploy_records_the_head_host_of_a_cluster_address() -> None:
-    from orchestrator.deploy import head_host
+    from orchestrator.control.deploy import head_host
 
     assert head_host("10.0.0.5:6379") == "10.0.0.5"
     assert head_host("ray://head.example:10001") == "head.example"
@@ -389,7 +417,7 @@ def test_listener_serves_the_api_on_a_shared_port_and_stops(tmp_path: Path) -> N
     error naming it; a stopped listener frees the port."""
     import socket
 
-    from orchestrator.deploy import free_port
+    from orchestrator.control.cluster import free_port
 
     plan = synthetic_plan([GroupShape("g", [("a", 8), ("b", 16)])])
     plan.to_yaml(tmp_path / "p.yaml")
@@ -437,12 +465,12 @@ def test_listener_serves_the_api_on_a_shared_port_and_stops(tmp_path: Path) -> N
 
 
 def test_kuberay_builder_builds_the_application(tmp_path: Path) -> None:
-    """`orchestrator.serve_app:build_app` with the manifest's one argument (plus the engine)."""
+    """`orchestrator.serving.app:build_app` with the manifest's one argument (plus the engine)."""
     from ray.serve._private.utils import import_attr
 
     plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
     plan.to_yaml(tmp_path / "plan.yaml")
-    build_app = import_attr("orchestrator.serve_app:build_app")
+    build_app = import_attr("orchestrator.serving.app:build_app")
     app = build_app({"plan_path": str(tmp_path / "plan.yaml"), "engine": "sim"})
     assert type(app).__name__ == "Application"
     with pytest.raises(SpecError, match="needs --model"):
@@ -453,7 +481,7 @@ def test_the_ingress_counts_each_client_request_once() -> None:
     """The offered load the controller estimates from: every client request once, at arrival
     (a request retried on another copy after its replica died is still one); refusals before
     routing (unknown model, malformed) are no load on any adapter."""
-    from orchestrator.workload_window import TelemetryBatch
+    from orchestrator.control.window import TelemetryBatch
 
     class Dead:
         async def stream(self, request):

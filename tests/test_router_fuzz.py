@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER, IngressCore, build_api
-from orchestrator.openai_schema import ChatCompletionRequest, CompletionRequest
-from orchestrator.replica import LocalClient, ReplicaCore
-from orchestrator.serving_spec import ServingSpec
-from orchestrator.synthetic_plan import GroupShape, split_adapters, synthetic_plan
+from orchestrator.serving.ingress import ENGINE_HEADER, REPLICA_HEADER, IngressCore, build_api
+from orchestrator.serving.openai_schema import ChatCompletionRequest, CompletionRequest
+from orchestrator.serving.replica import LocalClient, ReplicaCore
+from orchestrator.serving.spec import ServingSpec
+from placement.synthetic import GroupShape, split_adapters, synthetic_plan
 
 MODELS = ["adapter-0000", "adapter-0001", "adapter-0003", "tiny-llama-cpu", "unknown-x"]
 

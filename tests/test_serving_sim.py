@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER
-from orchestrator.synthetic_plan import GroupShape, split_adapters, synthetic_plan
+from orchestrator.serving.ingress import ENGINE_HEADER, REPLICA_HEADER
+from placement.synthetic import GroupShape, split_adapters, synthetic_plan
 
 pytestmark = pytest.mark.integration
 N_ADAPTERS = 240
@@ -26,9 +26,9 @@ N_ADAPTERS = 240
 def sim_app(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from orchestrator.deploy import free_port
-    from orchestrator.serve_app import run_application
-    from orchestrator.serving_spec import ServingSpec
+    from orchestrator.control.cluster import free_port
+    from orchestrator.serving.app import run_application
+    from orchestrator.serving.spec import ServingSpec
 
     parts = split_adapters(N_ADAPTERS, 3)
     hot = parts[0][0]
@@ -77,7 +77,7 @@ def test_sim_every_adapter_lands_on_its_planned_group(sim_app, ray_cluster, via:
 def test_sim_openai_client_and_status_reports(sim_app, ray_cluster) -> None:
     import openai
 
-    from orchestrator.deploy import DeployState, collect_reports
+    from orchestrator.control.deploy import DeployState, collect_reports
 
     plan, path, url = sim_app
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -105,7 +105,7 @@ def test_deploy_status_shutdown_cli_leaves_no_process(tmp_path: Path) -> None:
     """`lorafleet deploy --engine sim` starts its own head; shutdown stops exactly that tree."""
     import psutil
 
-    from orchestrator.deploy import free_port
+    from orchestrator.control.cluster import free_port
 
     plan = synthetic_plan([GroupShape("a", [("x-1", 8), ("x-2", 16)]),
                            GroupShape("b", [("y-1", 8)], copies=2)])
@@ -153,7 +153,7 @@ def test_openloop_generator_measures_per_replica_and_writes_a_row(sim_app, tmp_p
     import csv
 
     from load_tests.openloop import build_openloop_row, run_openloop
-    from orchestrator.live_bench import MEASURED_COLUMNS, append_row
+    from orchestrator.measure.bench import MEASURED_COLUMNS, append_row
     from twin.workload import Workload
 
     plan, _, url = sim_app
@@ -203,7 +203,7 @@ def test_a_controller_without_cpu_for_twin_runs_answers_and_shutdown_finds_orpha
     why). After the controller is killed for good, `status` is a clear error naming what still
     runs, and `shutdown` of a cluster deploy did not start removes every lorafleet application
     itself and keeps nothing running."""
-    from orchestrator.deploy import LocalHead, free_port
+    from orchestrator.control.cluster import LocalHead, free_port
 
     plan = synthetic_plan([GroupShape("a", [("x-1", 8), ("x-2", 16)]),
                            GroupShape("b", [("y-1", 8)], copies=2)])

@@ -13,8 +13,8 @@ import json
 import httpx
 import pytest
 
-from orchestrator.ingress import ENGINE_HEADER, REPLICA_HEADER
-from orchestrator.synthetic_plan import GroupShape, synthetic_plan
+from orchestrator.serving.ingress import ENGINE_HEADER, REPLICA_HEADER
+from placement.synthetic import GroupShape, synthetic_plan
 
 pytestmark = pytest.mark.integration
 ALL = {"authorization": "Bearer sk-all"}
@@ -27,10 +27,10 @@ GROUPS = {"group-a": [("adapter-0000", 8), ("adapter-0001", 16)],
 def vllm_app(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from orchestrator.deploy import free_port
-    from orchestrator.serve_app import run_application
-    from orchestrator.serving_spec import ServingSpec
-    from orchestrator.tiny_model import build_tiny_model
+    from orchestrator.control.cluster import free_port
+    from orchestrator.measure.tiny_model import build_tiny_model
+    from orchestrator.serving.app import run_application
+    from orchestrator.serving.spec import ServingSpec
 
     root = tmp_path_factory.mktemp("vllm")
     build_tiny_model(root / "tiny", n_adapters=4, ranks=(8, 16))

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import REPO_PROFILES_DIR, load_profile
@@ -429,14 +430,20 @@ def test_cli_eval_json_on_the_shipped_model(tmp_path, capsys):
     assert main(["surrogate", "eval", "--profile", PROFILE, "--runs",
                  str(tmp_path / "runs.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    # eval re-scores the held-out runs stored with the model: the same figures training wrote
+    meta = yaml.safe_load((surrogate_dir(PROFILE) / "meta.yaml").read_text())
     held = report["held_out"]
     for metric in ("total_throughput_tps", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
                    "itl_p99_ms"):
-        assert set(held[metric]) >= {"smape", "n"} and held[metric]["n"] > 0
-    assert 0 <= held["starvation_macro_f1"] <= 1
+        assert held[metric]["n"] == meta["held_out"][metric]["n"] > 0
+        assert held[metric]["smape"] == pytest.approx(meta["held_out"][metric]["smape"],
+                                                      abs=0.01)
+    assert held["starvation_macro_f1"] == pytest.approx(
+        meta["held_out"]["starvation_macro_f1"], abs=1e-3)
+    # the real runs: the surrogate tracks what H100s measured (all 131 runs: ~5-10 % SMAPE)
     real = report["real_runs"]
     assert real["n_runs"] == 6 and real["total_throughput_tps"]["n"] == 6
-    assert {"smape", "n"} <= set(real["total_throughput_tps"])
+    assert 0 <= real["total_throughput_tps"]["smape"] <= 25.0
     assert real["total_throughput_tps_uncapped_client"]["n"] == 6
     assert (real["total_throughput_tps_cap_reached"]["n"]
             + real["total_throughput_tps_cap_not_reached"]["n"]) <= 6

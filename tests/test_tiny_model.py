@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.tiny_model import (
+from orchestrator.measure.tiny_model import (
     TARGET_MODULES,
     TinyModelError,
     TinyModelSpec,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from twin.validate import (
     METRICS,
     ValidationError,

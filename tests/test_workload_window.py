@@ -1,4 +1,4 @@
-"""The live workload estimate (orchestrator/workload_window.py): telemetry batches in, coverage
+"""The live workload estimate (orchestrator/control/window.py): telemetry batches in, coverage
 and a twin Workload out. Synthetic batches: per-second Poisson arrivals split over replicas, so
 every expected rate follows from the construction."""
 
@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from orchestrator.workload_window import (
+from orchestrator.control.window import (
     MIN_FINISHED_FOR_LENGTHS,
     TelemetryBatch,
     WorkloadWindow,

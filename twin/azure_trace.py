@@ -10,14 +10,12 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from twin.lengths import WorkloadError
-
-if TYPE_CHECKING:
-    from twin.workload import RequestBatch
+from twin.requests import RequestBatch
 
 AZURE_COLUMNS: tuple[str, ...] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 MAPPINGS: tuple[str, ...] = ("zipf", "uniform", "round_robin")
@@ -124,8 +122,6 @@ def load_azure_trace(
     popularity, adapter 0 hottest), ``uniform`` (i.i.d. uniform) or ``round_robin`` (in arrival
     order). ``max_requests`` keeps the earliest requests. Token counts are clamped to >= 1.
     """
-    from twin.workload import RequestBatch  # runtime import: workload imports this module
-
     if isinstance(n_adapters_or_adapters, int | np.integer) and not isinstance(
         n_adapters_or_adapters, bool
     ):

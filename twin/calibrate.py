@@ -24,14 +24,11 @@ from scipy.optimize import nnls
 
 from twin.latency import FEATURES, StepTimeModel, design_matrix, rank_tiles
 from twin.profile import AdapterLoadTable, KVCapacityModel, Profile, SchedulerQuirks
+from twin.step_features import CalibrationError, reference_step_features
 
 REQUIRED_FILES = (
     "step_profiles.csv.gz", "profile_runs.csv", "kv_capacity.csv", "adapter_loads.csv",
 )
-
-
-class CalibrationError(ValueError):
-    """Calibration input that is missing or unusable (the message says which file/column)."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +318,6 @@ def calibrate_reference(
 ) -> tuple[Profile, dict[str, Any]]:
     """Fit KV capacity, load latencies and the step-time model for ``model``; returns the
     profile and the fit report (held-out step errors)."""
-    from twin.step_features import reference_step_features
 
     ref = load_reference(data_dir, model)
     meta = ref.meta

@@ -6,7 +6,7 @@ A ``Mapper`` is called as ``mapper(fn, jobs, progress)`` and returns ``[fn(j) fo
 
 * ``sequential_map``: in this process, one after the other;
 * ``process_map(workers)``: a ``ProcessPoolExecutor`` of ``workers`` processes (1 = sequential);
-* ``orchestrator.fanout.ray_map(...)``: Ray tasks over a cluster (needs a running Ray).
+* ``orchestrator.control.fanout.ray_map(...)``: Ray tasks over a cluster (needs a running Ray).
 
 Jobs are submitted in the order given, so a caller that wants the heaviest first (to keep the
 pool busy to the end) sorts them before calling. ``fn`` and the jobs must be picklable for the

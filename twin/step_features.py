@@ -29,6 +29,13 @@ from twin.engine import run_engine
 from twin.latency import StepTimeModel
 from twin.profile import AdapterLoadTable, KVCapacityModel, Profile
 
+
+class CalibrationError(ValueError):
+    """Calibration input that is missing or unusable (the message says which file/column).
+    Defined here, below ``twin.calibrate`` (which re-exports it), as labelling steps is the
+    first place it is raised."""
+
+
 TRANSITION_STEPS = 15
 ROLLING_STEPS = 31
 COLUMNS = ["prefill_tokens", "decode_seqs", "ctx_tokens", "admitted", "finished", "scanned"]
@@ -249,8 +256,6 @@ def reference_step_features(ref) -> pd.DataFrame:  # ref: twin.calibrate.Referen
             continue  # a handful of steps with unknown arrival spacing: nothing to learn
         frames.append(run_step_features(run, w, ref.loads))
     if not frames:
-        from twin.calibrate import CalibrationError
-
         raise CalibrationError("no profiling run with a usable step log")
     out = pd.concat(frames, ignore_index=True)
     return out[out["keep"]].reset_index(drop=True)

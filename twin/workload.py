@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from twin.lengths import LengthModel, WorkloadError, _number, _positive_int
+from twin.requests import RequestBatch
 
 __all__ = [
     "AdapterSpec",
@@ -386,30 +387,6 @@ class Workload:
             base_model_rate_rps=self.base_model_rate_rps * factor,
             trace=trace,
         )
-
-
-@dataclass(frozen=True, eq=False)
-class RequestBatch:
-    """Arrival-sorted requests; the twin engine consumes this."""
-
-    arrival_s: np.ndarray  # float64, non-decreasing
-    adapter: np.ndarray  # int32 index into workload.adapters, -1 = base model
-    prompt_len: np.ndarray  # int32 >= 1
-    output_len: np.ndarray  # int32 >= 1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "arrival_s", np.asarray(self.arrival_s, dtype=np.float64))
-        for name in ("adapter", "prompt_len", "output_len"):
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int32))
-        n = self.arrival_s.shape[0]
-        for name in ("adapter", "prompt_len", "output_len"):
-            if getattr(self, name).shape != (n,):
-                raise WorkloadError(
-                    f"{name}: shape {getattr(self, name).shape} does not match arrival_s ({n},)"
-                )
-
-    def __len__(self) -> int:
-        return int(self.arrival_s.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

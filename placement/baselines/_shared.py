@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from placement.budget import Placer, check_budget
 from placement.capacity_estimate import estimate_capacity
 from placement.common import (
     ReplicaSpec,
@@ -21,9 +22,9 @@ from placement.common import (
     check_servable,
     specs_feasible,
 )
+from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from placement.replica_optimum import (
     MIN_SCALE,
     engine_config,
@@ -192,17 +193,15 @@ def search_count(
 def finish(
     workload: Workload,
     ctx: PlacementContext,
-    policy: str,
+    policy: Placer,
     specs: list[ReplicaSpec],
     index: WorkloadIndex,
     started: float,
 ) -> Plan:
     """The plan (``build_plan``), refused above ``ctx.gpu_budget`` with the planner's own
     "what fits" error, so a policy called directly honours the budget too."""
-    plan = build_plan(workload, ctx, policy, specs, index=index, started=started)
+    plan = build_plan(workload, ctx, policy.name, specs, index=index, started=started)
     if ctx.gpu_budget is not None and plan.replicas > ctx.gpu_budget:
-        from placement.planner import check_budget
-
         check_budget(plan, workload, ctx, policy)
     return plan
 
@@ -210,7 +209,7 @@ def finish(
 Deal = Callable[[np.ndarray, WorkloadIndex, int], list[list[int]]]
 
 
-def place_dealt(workload: Workload, ctx: PlacementContext, policy: str, deal: Deal) -> Plan:
+def place_dealt(workload: Workload, ctx: PlacementContext, policy: Placer, deal: Deal) -> Plan:
     """The frame of the count-searching baselines: adapters too hot for one replica get
     dedicated copies, the rest (positions ``rest``) is dealt into k replicas by
     ``deal(rest, index, k)``, k the fewest the predictor finds unstarved."""

@@ -33,8 +33,8 @@ import numpy as np
 
 from placement.baselines._shared import finish, prepare, replicate_hot, slot_ranks
 from placement.common import ReplicaSpec, WorkloadIndex
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from placement.replica_optimum import optimise
 from twin.workload import Workload
 
@@ -58,7 +58,7 @@ class AgulloGreedyPolicy:
             m = _fill(index, ctx, queue[start:])
             specs.append(ReplicaSpec({index.ids[p]: 1.0 for p in queue[start:start + m]}))
             start += m
-        return finish(workload, ctx, self.name, specs, index, started)
+        return finish(workload, ctx, self, specs, index, started)
 
 
 def zigzag(positions: np.ndarray, rates: np.ndarray) -> list[int]:

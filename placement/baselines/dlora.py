@@ -58,8 +58,8 @@ import numpy as np
 
 from placement.baselines._shared import finish, prepare, search_count
 from placement.common import ReplicaSpec, WorkloadIndex
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from placement.replica_optimum import optimise
 from twin.workload import Workload
 
@@ -96,7 +96,7 @@ class DLoraPolicy:
             return _specs(index, replicate(index, rounds_ctx, n), n)
 
         specs = search_count(assign, index, ctx, lo=ctx.estimate.replicas)
-        return finish(workload, ctx, self.name, specs, index, started)
+        return finish(workload, ctx, self, specs, index, started)
 
 
 def replicate(index: WorkloadIndex, ctx: PlacementContext, n: int) -> _Placement:

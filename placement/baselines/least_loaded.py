@@ -16,8 +16,8 @@ import numpy as np
 
 from placement.baselines._shared import place_dealt
 from placement.common import WorkloadIndex, lpt_assign
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from twin.workload import Workload
 
 
@@ -37,4 +37,4 @@ class LeastLoadedPolicy:
     name: str = "least_loaded"
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
-        return place_dealt(workload, ctx, self.name, deal_least_loaded)
+        return place_dealt(workload, ctx, self, deal_least_loaded)

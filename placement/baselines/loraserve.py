@@ -41,8 +41,8 @@ import numpy as np
 
 from placement.baselines._shared import finish, prepare, search_count, slot_ranks
 from placement.common import ReplicaSpec
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from twin.workload import Workload
 
 ROOM_EPS = 1e-4  # a server with less room than this fraction of its capacity counts as full
@@ -69,7 +69,7 @@ class LoraServePolicy:
 
         lo = max(ctx.estimate.replicas, math.ceil(total_util - 1e-9))
         specs = search_count(assign, index, ctx, lo=lo)
-        return finish(workload, ctx, self.name, specs, index, started)
+        return finish(workload, ctx, self, specs, index, started)
 
 
 def operating_points(ctx: PlacementContext, ranks: list[int]) -> dict[int, float]:

@@ -17,8 +17,8 @@ import numpy as np
 
 from placement.baselines._shared import place_dealt
 from placement.common import WorkloadIndex
+from placement.context import PlacementContext
 from placement.plan import Plan
-from placement.policy import PlacementContext
 from twin.workload import Workload
 
 
@@ -34,4 +34,4 @@ class RoundRobinPolicy:
     name: str = "round_robin"
 
     def place(self, workload: Workload, ctx: PlacementContext) -> Plan:
-        return place_dealt(workload, ctx, self.name, deal_round_robin)
+        return place_dealt(workload, ctx, self, deal_round_robin)

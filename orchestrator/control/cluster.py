@@ -1,0 +1,199 @@
+"""A private local Ray head and the connection to a cluster (what ``deploy`` starts or joins).
+
+``LocalHead.start``: ``ray start --head --block`` as a child process on free ports, with
+``RAY_AUTH_MODE=disabled``, its own temp dir and session; ``stop`` ends exactly that process tree
+(SIGTERM to its PID, wait, SIGKILL any recorded descendant still alive) - never other Ray
+clusters on the machine (no ``ray stop``, no names). ``connect`` joins a cluster by address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEAD_START_TIMEOUT_S = 90.0
+
+
+class ClusterError(RuntimeError):
+    """A Ray head that would not start; the message points at its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).with_name("ray")
+    return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
+
+
+def ray_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+@dataclass
+class LocalHead:
+    """A Ray head this process started (``ray start --head --block`` child)."""
+
+    pid: int
+    address: str
+    gcs_port: int
+    dashboard_port: int
+    client_port: int
+    temp_dir: str
+    log_path: str
+    descendants: list[int] = field(default_factory=list)
+    remove_logs: bool = False  # the log folder was ours (no log_dir given): delete it on stop
+
+    @classmethod
+    def start(cls, *, num_cpus: float | None = None, log_dir: str | Path | None = None,
+              progress: Callable[[str], None] = lambda _m: None,
+              env: Mapping[str, str] | None = None) -> LocalHead:
+        """``env``: extra environment of the head and so of every worker (Ray/Serve flags)."""
+        gcs, dash, client, nm, om, agent, agent_grpc, env_agent, metrics = _free_ports(9)
+        # short temp dir: Ray's unix socket paths must stay under 107 characters
+        temp_dir = f"/tmp/lf-ray-{gcs}"
+        remove_logs = log_dir is None
+        log_dir = Path(log_dir or temp_dir + "-log")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / "ray-head.log"
+        cmd = [
+            _ray_bin(), "start", "--head", "--block", f"--port={gcs}",
+            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+            "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        ]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus:g}")
+        progress(f"starting a private Ray head on 127.0.0.1:{gcs}")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**ray_env(), **dict(env or {})},
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        head = cls(proc.pid, f"127.0.0.1:{gcs}", gcs, dash, client, temp_dir, str(log_path),
+                   remove_logs=remove_logs)
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise ClusterError(f"ray start exited with code {proc.returncode}; see {log_path}")
+            if _port_open(gcs) and _head_ready(log_path):
+                head.descendants = descendants(proc.pid)
+                return head
+            time.sleep(0.5)
+        head.stop()
+        raise ClusterError(f"the Ray head did not come up in {HEAD_START_TIMEOUT_S:g} s; "
+                          f"see {log_path}")
+
+    def alive(self) -> bool:
+        return pid_alive(self.pid)
+
+    def stop(self, timeout_s: float = 30.0) -> list[int]:
+        """Stop this head's process tree; returns PIDs that had to be SIGKILLed."""
+        known = set(self.descendants) | set(descendants(self.pid))
+        if pid_alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and (
+                pid_alive(self.pid) or any(pid_alive(p) for p in known)):
+            known |= set(descendants(self.pid))
+            time.sleep(0.3)
+        killed = []
+        for p in sorted(known | {self.pid}):
+            if pid_alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed.append(p)
+                except ProcessLookupError:
+                    pass
+        _reap(self.pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.remove_logs and not killed:
+            shutil.rmtree(Path(self.log_path).parent, ignore_errors=True)
+        return killed
+
+
+def _head_ready(log_path: Path) -> bool:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "Ray runtime started" in text
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return []
+
+
+def connect(address: str) -> None:
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep the CLI's output readable
+    if ray.is_initialized():
+        return
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+             namespace="serve", runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+
+
+def disconnect() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
