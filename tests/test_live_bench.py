@@ -33,8 +33,8 @@ from orchestrator.measure.bench import (
     prepare,
 )
 from orchestrator.measure.tiny_model import build_tiny_model
-from twin.metrics import aggregate_metrics
 from twin import runs_table
+from twin.metrics import aggregate_metrics
 from twin.runs_table import jsonable
 from twin.validate import REQUIRED_COLUMNS, load_runs, run_workload
 from twin.workload import Workload, generate_requests
