@@ -215,6 +215,24 @@ def test_binned_counts_scale_lost_pushes_and_feed_the_search():
         window.binned_counts(130.0, bin_s=0)
 
 
+def test_binned_counts_end_where_every_replica_has_reported():
+    """One ingress pushed up to 130 s, the other only up to 128 s (its push is late): the bins
+    end at 128, so the seconds it has not reported do not read as a drop in the load."""
+    window = WorkloadWindow(window_s=30)
+    for t in range(30):
+        window.add(TelemetryBatch("r0", 100.0 + t, 101.0 + t, {"x": 5}, {}, {}, {}, 0.0, 0.0,
+                                  0, 0, 0))
+        if t < 28:
+            window.add(TelemetryBatch("r1", 100.0 + t, 101.0 + t, {"x": 5}, {}, {}, {}, 0.0,
+                                      0.0, 0, 0, 0))
+    assert window.reported_until(130.0) == 128.0
+    bins = window.binned_counts(130.0)
+    assert len(bins) == 28 and all(b["x"] == pytest.approx(10.0) for b in bins)
+    assert latest_change(bins) is None
+    assert window.reported_until(127.5) == 127.5  # never beyond now
+    assert window.reported_until(128.0 + window.stale_after_s + 1) == 130.0  # r1 is gone
+
+
 def test_drift_config_is_validated():
     for kw, field in [({"z": 0}, "z"), ({"min_rate_rps": -1}, "min_rate_rps"),
                       ({"hot_k": 1.5}, "hot_k"), ({"gap": float("nan")}, "gap"),

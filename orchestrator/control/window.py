@@ -338,13 +338,16 @@ class WorkloadWindow:
         self, now: float, *, bin_s: float = 1.0, since: float | None = None
     ) -> list[dict[str, float]]:
         """Arrivals per adapter in consecutive ``bin_s`` bins ending at ``now``, oldest first
-        (whole bins of the judged span only). As in ``estimate``, each replica's count in a bin is
-        scaled to the whole bin by the part of it that replica's batches cover, so a lost push
-        does not read as a dip. What ``drift.latest_change`` searches for a change point."""
+        (whole bins of the judged span only) - up to ``reported_until(now)``, not ``now``: the
+        seconds some replica has not pushed yet would read as a drop (and a push that comes late
+        as a burst), a step that never happened. As in ``estimate``, each replica's count in a
+        bin is scaled to the whole bin by the part of it that replica's batches cover, so a lost
+        push does not read as a dip. What ``drift.latest_change`` searches for a change point."""
         if _finite(bin_s, "bin_s") <= 0:
             raise ValueError(f"bin_s: must be > 0, got {bin_s}")
         self._prune_all(now)
-        start, end = self.span(now, since)
+        start, _ = self.span(now, since)
+        end = max(start, self.reported_until(now))
         n = int((end - start) / bin_s + 1e-9)
         if n <= 0:
             return []
@@ -367,6 +370,13 @@ class WorkloadWindow:
                     for a, k in counts[i].items():
                         bins[i][a] = bins[i].get(a, 0.0) + k * scale
         return bins
+
+    def reported_until(self, now: float) -> float:
+        """The time up to which every replica still reporting has reported (the earliest of
+        their latest batch ends), at most ``now``. A replica silent for over ``stale_after_s``
+        is gone or lost (``coverage`` says so) and does not hold the bins back."""
+        ends = [max(b.t_end for b in q) for q in self._batches.values() if q]
+        return min([now, *(e for e in ends if now - e <= self.stale_after_s)])
 
     def live_metrics(
         self, now: float, replica: str, *, since: float | None = None
