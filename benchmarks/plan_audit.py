@@ -9,13 +9,14 @@ workload (the plan's replicas, starved replicas, the twin's minimum, the printed
 plan time, ratio) and a summary line:
 
     {"summary": true, "n", "worst_ratio", "mean_ratio", "starved_plans", "bound_violations",
-     "plans_over_twin_min", "outside_domain_plans", "max_plan_s_1000_adapters", "worst", ...}
+     "plans_over_twin_min", "outside_domain_plans", "max_plan_s_1000_adapters", "worst",
+     "unplanned" (workloads without any plan the twin accepts, even at a tight margin), ...}
 
 Targets: worst_ratio <= 1.15, 0 starved plans, 0 bound violations, plan time <= 2 s at 1,000
 adapters.
 
     python benchmarks/plan_audit.py [--n 64] [--seed 0] [--profile llama-3.1-8b-instruct]
-        [--predictor surrogate] [--verify-duration 3600] [--workers 2] [--limit K]
+        [--predictor surrogate] [--verify-duration 3600] [--workers 2] [--limit K] [--start S]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from placement.audit import audit_plan, audit_workloads, summary  # noqa: E402
 from placement.context import PlacementContext  # noqa: E402
+from placement.errors import PlacementError  # noqa: E402
 from placement.predictors import DEFAULT_PREDICTOR, PREDICTORS, make_predictor  # noqa: E402
 from placement.verify import verify_plans  # noqa: E402
 from twin.profile import load_profile  # noqa: E402
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-duration", type=float, default=3600.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="audit only the first K workloads")
+    ap.add_argument("--start", type=int, default=0,
+                    help="skip the first S workloads (resume an interrupted audit)")
     args = ap.parse_args(argv)
 
     profile = load_profile(args.profile)
@@ -54,11 +58,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                seed=args.seed))
     verify = partial(verify_plans, profile=profile, duration_s=args.verify_duration,
                      seed=args.seed, workers=args.workers)
-    workloads = audit_workloads(args.n, ctx, seed=args.seed)[:args.limit]
+    workloads = audit_workloads(args.n, ctx, seed=args.seed)[args.start:args.limit]
     results = []
+    unplanned: list[str] = []
     t0 = time.perf_counter()
     for i, w in enumerate(workloads):
-        r = audit_plan(w, ctx, verify)
+        try:
+            r = audit_plan(w, ctx, verify)
+        except PlacementError as exc:  # no plan the twin accepts, even at a tight margin
+            unplanned.append(w.name)
+            print(json.dumps({"profile": profile.name, "predictor": args.predictor,
+                              "workload": w.name, "error": str(exc)}), flush=True)
+            print(f"[{i + 1}/{len(workloads)}] {w.name}: {exc}", file=sys.stderr)
+            continue
         results.append(r)
         print(json.dumps({"profile": profile.name, "predictor": args.predictor, **r.to_dict()}),
               flush=True)
@@ -67,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     print(json.dumps({"summary": True, "profile": profile.name, "predictor": args.predictor,
                       "seed": args.seed, "verify_duration_s": args.verify_duration,
-                      **summary(results), "wall_s": round(time.perf_counter() - t0, 1),
+                      **summary(results), "unplanned": unplanned,
+                      "wall_s": round(time.perf_counter() - t0, 1),
                       "load_1m": round(os.getloadavg()[0], 2)}))
     return 0
 
