@@ -425,7 +425,7 @@ class ControllerCore:
                 return None, {"telemetry": "incomplete", "why": cov.why}
             bins = self.offered.binned_counts(now, bin_s=cfg.change_bin_s, since=judged)
             k = latest_change(bins, cfg)
-            end = max(judged, self.offered.reported_until(now))  # where the bins end
+            end = self.offered.bins_end(now, since=judged)
             since = judged if k is None else end - (len(bins) - k) * cfg.change_bin_s
             est = self.offered.estimate(now, ranks=ranks,
                                         lengths=self.plan.workload.length_model(), since=since)

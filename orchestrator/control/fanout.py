@@ -68,6 +68,17 @@ def _run_batch(fn: Callable[[Any], Any], start: int, batch: list[Any]) -> tuple[
     return out, None
 
 
+def _raise_failure(failure: tuple[int, Any, str], total: int, where: str, tb_label: str) -> None:
+    """Re-raise a job's failure from ``_run_batch`` with a note naming the job and where it
+    ran; a ``FanoutError`` when its own exception could not be brought back."""
+    index, exc, tb = failure
+    what = f"ray_map: raised by job {index} (of {total}) {where}; {tb_label}:\n{tb}"
+    if exc is None:
+        raise FanoutError(what, index)
+    exc.add_note(what)
+    raise exc
+
+
 @functools.cache
 def _remote_batch() -> Any:
     import ray
@@ -131,13 +142,7 @@ def ray_map(
                 chunk = jobs[s:s + batch_size]
                 out, failure = _run_batch(fn, s, chunk)
                 if failure is not None:
-                    index, exc, tb = failure
-                    where = (f"ray_map: raised by job {index} (of {total}) run in this "
-                             f"process ({why})")
-                    if exc is None:
-                        raise FanoutError(f"{where}; traceback:\n{tb}", index)
-                    exc.add_note(f"{where}; traceback:\n{tb}")
-                    raise exc
+                    _raise_failure(failure, total, f"run in this process ({why})", "traceback")
                 results[s:s + len(chunk)] = out
                 done += len(chunk)
                 if progress:
@@ -185,12 +190,7 @@ def ray_map(
                                    f"({type(exc).__name__}); ran it in this process")
                         continue
                     if failure is not None:
-                        index, exc, tb = failure
-                        where = f"ray_map: raised by job {index} (of {total}) in a Ray task"
-                        if exc is None:
-                            raise FanoutError(f"{where}; remote traceback:\n{tb}", index)
-                        exc.add_note(f"{where}; remote traceback:\n{tb}")
-                        raise exc
+                        _raise_failure(failure, total, "in a Ray task", "remote traceback")
                     results[s:s + n] = out
                     done += n
                     if progress:

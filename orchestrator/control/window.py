@@ -347,7 +347,7 @@ class WorkloadWindow:
             raise ValueError(f"bin_s: must be > 0, got {bin_s}")
         self._prune_all(now)
         start, _ = self.span(now, since)
-        end = max(start, self.reported_until(now))
+        end = self.bins_end(now, since)
         n = int((end - start) / bin_s + 1e-9)
         if n <= 0:
             return []
@@ -377,6 +377,11 @@ class WorkloadWindow:
         is gone or lost (``coverage`` says so) and does not hold the bins back."""
         ends = [max(b.t_end for b in q) for q in self._batches.values() if q]
         return min([now, *(e for e in ends if now - e <= self.stale_after_s)])
+
+    def bins_end(self, now: float, since: float | None = None) -> float:
+        """Where ``binned_counts(now, since=since)`` ends: ``reported_until(now)``, not before
+        the judged span starts."""
+        return max(self.span(now, since)[0], self.reported_until(now))
 
     def live_metrics(
         self, now: float, replica: str, *, since: float | None = None
