@@ -62,6 +62,24 @@ def hand_profile() -> Profile:
     return make_profile()
 
 
+def wait_cpus_free(need: float, timeout_s: float = 180.0) -> None:
+    """Wait (bounded) until the session's cluster has ``need`` CPUs free: the replicas of an
+    earlier test's deleted application release theirs asynchronously (a vLLM engine takes
+    seconds to stop on a slow machine), and the cluster reports free resources with a lag."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (free := float(ray.available_resources().get("CPU", 0.0))) < need:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the test cluster still has only {free:g} CPU free after {timeout_s:g} s "
+                f"(need {need:g}): an earlier test's replicas were not released"
+            )
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One private Ray head + Serve HTTP proxy shared by every integration test of the session.
@@ -82,7 +100,8 @@ def ray_cluster(tmp_path_factory):
         connect(head.address)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield SimpleNamespace(head=head, address=head.address, url=f"http://127.0.0.1:{port}")
+        yield SimpleNamespace(head=head, address=head.address, url=f"http://127.0.0.1:{port}",
+                              wait_cpus_free=wait_cpus_free)
         try:
             serve.shutdown()
         finally:

@@ -112,11 +112,13 @@ def test_ray_map_needs_a_running_ray(monkeypatch):
 def test_ray_map_matches_sequential_map(ray_cluster, two_plans):
     from orchestrator.control.fanout import ray_map
 
+    ray_cluster.wait_cpus_free(4)
+    fell_back: list[str] = []
     jobs = [float(x) for x in range(23)]
     want = sequential_map(math.sqrt, jobs)
     for batch_size, in_flight in ((1, None), (4, None), (5, 2), (50, 1)):
         seen: list[tuple[int, int]] = []
-        got = ray_map(batch_size=batch_size, max_in_flight=in_flight)(
+        got = ray_map(batch_size=batch_size, max_in_flight=in_flight, on_fallback=fell_back.append)(
             math.sqrt, jobs, lambda d, t: seen.append((d, t))  # noqa: B023
         )
         assert got == want, (batch_size, in_flight)
@@ -127,14 +129,17 @@ def test_ray_map_matches_sequential_map(ray_cluster, two_plans):
 
     llama, plans = two_plans
     seq = verify_plans(plans, llama, duration_s=120.0, seed=3, mapper=sequential_map)
-    fanned = verify_plans(plans, llama, duration_s=120.0, seed=3, mapper=ray_map(batch_size=2))
+    fanned = verify_plans(plans, llama, duration_s=120.0, seed=3,
+                          mapper=ray_map(batch_size=2, on_fallback=fell_back.append))
     assert figures(fanned) == figures(seq)
+    assert fell_back == []  # the jobs ran as Ray tasks, not in this process
 
 
 @pytest.mark.integration
 def test_ray_map_names_the_failing_job(ray_cluster):
     from orchestrator.control.fanout import ray_map
 
+    ray_cluster.wait_cpus_free(1)
     jobs = [1.0, 4.0, 9.0, 16.0, 25.0, -1.0, 36.0]  # sqrt(-1): ValueError in job 5
     for batch_size in (1, 3):
         with pytest.raises(ValueError, match="math domain error") as info:
@@ -157,6 +162,7 @@ def test_ray_map_never_waits_without_bound(ray_cluster):
         time.sleep(x)
         return 2 * x
 
+    ray_cluster.wait_cpus_free(1)  # else the fallback would be "no CPU free", not the stall
     got = ray_map(stall_timeout_s=0.5, on_fallback=why.append)(slow_double, [2.0, 0.0])
     assert got == [4.0, 0.0] and len(why) == 1 and "within 0.5 s" in why[0]
     with pytest.raises(ValueError, match="stall_timeout_s"):
