@@ -55,10 +55,13 @@ class DriftConfig:
     change_min_s: float = 6.0  # evidence needed after a change point before it is used
     queue_growth: float = 16.0  # waiting requests a replica's queue must gain to count as growing
     saturated_min_s: float = 5.0  # seconds with a queue before a replica's finish rate is capacity
+    stall_s: float = 5.0  # a busy host may hold arrivals back this long, then release them
+    unsettled_share: float = 0.1  # share of a span's arrivals a stall may shift before it waits
 
     def __post_init__(self) -> None:
         for name in ("rel_rate_change", "z", "total_rate_change", "gap", "change_bin_s",
-                     "change_min_s", "queue_growth", "saturated_min_s"):
+                     "change_min_s", "queue_growth", "saturated_min_s", "stall_s",
+                     "unsettled_share"):
             value = getattr(self, name)
             if not _number(value) or value <= 0:
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
@@ -250,14 +253,21 @@ def _best_split(series: Mapping[str, list[float]], lo: int, hi: int, cfg: DriftC
                 min_left: int, min_right: int, total: str) -> int | None:
     """The most likely step inside bins [lo, hi) over all series, if one is real (z on the
     family of series x splits), large (the total's or an adapter's relative threshold) and
-    lasting: the later half of the traffic after it must still differ from the traffic before
-    it as much, in the same direction. A stall that delays arrivals and then releases them in a
-    burst (a busy ingress, a transition) looks like a step up for a few seconds and conserves
-    the count; it is not a change in the offered load."""
+    lasting. A stall that delays arrivals and then releases them in a burst (a busy ingress, a
+    transition) looks like a step for a few seconds but conserves the count: it moves at most
+    ``stall_s`` seconds of traffic. So the traffic after a step must be ahead of (or behind)
+    the rate before it by more than ``stall_s`` seconds of the lower of the two rates (a step
+    ``d`` seconds old is ``d`` seconds ahead, up or down; plus ``z`` sds of Poisson noise),
+    that rate taken before the last ``stall_s`` seconds ahead of the step (which a stall may
+    have emptied), and the later half
+    of the traffic after it must still differ from the traffic before it as much, in the same
+    direction."""
     splits = range(lo + min_left, hi - min_right + 1)
     if not splits:
         return None
     z = family_z(cfg.z, len(series) * len(splits))
+    stall_bins = cfg.stall_s / cfg.change_bin_s
+    guard = math.ceil(stall_bins - 1e-9)
     best, where = z * z, None
     for key, counts in series.items():
         seg = counts[lo:hi]
@@ -271,6 +281,13 @@ def _best_split(series: Mapping[str, list[float]], lo: int, hi: int, cfg: DriftC
             if (max(before, after) < cfg.min_rate_rps * cfg.change_bin_s
                     or abs(after - before) <= rel * max(before, 1e-12)):
                 continue
+            g = j - guard if j - guard >= min_left else j  # a stall just before k held back
+            steady = prefix[g] / g  # traffic that a release after k would add: the rate before it
+            m = len(seg) - j
+            moved = abs(after - steady) * m
+            var = prefix[-1] - prefix[j] + m * m * steady / g + 1.0  # Poisson, both sides
+            if moved <= stall_bins * min(steady, after) + cfg.z * math.sqrt(var):
+                continue  # no more traffic moved than a stall (and noise) moves
             h = j + (len(seg) - j) // 2
             late = (prefix[-1] - prefix[h]) / (len(seg) - h)
             if (late - before) * (after - before) <= 0 or abs(late - before) <= rel * max(
@@ -317,29 +334,39 @@ def latest_change(bins: list[Mapping[str, float]], cfg: DriftConfig | None = Non
 
 def unsettled(bins: list[Mapping[str, float]], cfg: DriftConfig | None = None) -> str | None:
     """Why the total rate over ``bins`` (the span an estimate rests on, oldest first) is not
-    one rate yet, or None: its later half differs from its earlier half, or its last third from
-    its first third, by more than the total rate's threshold, and significantly. A busy host
-    that stalls arrivals and releases them in a burst (the ingress, the load generator, a
-    transition on two cores), or a ramp, makes the span's mean a rate nobody offers for long; no
-    decision should rest on it until it settles. A real step is found by ``latest_change`` and
-    the span starts after it."""
+    one rate yet, or None. The cumulative arrivals of one rate follow a straight line; a busy
+    host that stalls arrivals and releases them in a burst (the ingress, the load generator, a
+    transition on two cores), a ramp or a step too young for ``latest_change`` bend it. The
+    largest gap between the two, in arrivals, bounds how far the span's mean is off the rate
+    now offered: when it exceeds what Poisson noise (``z`` sds of the bridge at that point) and
+    a stall that shifts ``unsettled_share`` of the span's arrivals explain together (in
+    quadrature), no decision should rest on the mean yet."""
     cfg = cfg or DriftConfig()
     n = len(bins)
     if n < 4:
         return None
     totals = [sum(b.values()) for b in bins]
-    for part in (n // 2, n // 3):
-        early, late = sum(totals[:part]), sum(totals[n - part:])
-        if late <= 0 and early <= 0:
-            continue
-        if (significant(late, early, cfg.z)
-                and abs(late - early) > cfg.total_rate_change * max(early, late)):
-            rate = sum(totals) / (n * cfg.change_bin_s)
-            return (f"the offered load is still moving: {rate:.1f} req/s over the last "
-                    f"{n * cfg.change_bin_s:.0f} s, {early / (part * cfg.change_bin_s):.1f} in "
-                    f"its first {part * cfg.change_bin_s:.0f} s and "
-                    f"{late / (part * cfg.change_bin_s):.1f} in its last")
-    return None
+    total = sum(totals)
+    if total <= 0:
+        return None
+    run, gap, at = 0.0, 0.0, 0
+    for k, c in enumerate(totals[:-1], start=1):
+        run += c
+        off = run - total * k / n
+        if abs(off) > abs(gap):
+            gap, at = off, k
+    share = at / n
+    noise = cfg.z * math.sqrt(total * share * (1.0 - share) + 1.0)
+    if abs(gap) <= math.hypot(noise, cfg.unsettled_share * total):
+        return None
+    span = n * cfg.change_bin_s
+    first, last = at * cfg.change_bin_s, span - at * cfg.change_bin_s
+    rate = total / span
+    shift = abs(gap) / rate
+    return (f"the offered load is still moving: {rate:.1f} req/s over the last {span:.0f} s, "
+            f"{(total * share + gap) / first:.1f} in its first {first:.0f} s and "
+            f"{(total * (1 - share) - gap) / last:.1f} in its last (arrivals {shift:.1f} s "
+            f"off a steady rate, over {cfg.unsettled_share:.0%} of the span)")
 
 
 def replica_gaps(
