@@ -38,6 +38,10 @@ class PlacementContext:
     predictor when it names one (the surrogate's is 0.97: its not-starved throughput is ~2 % off
     the twin). ``target_utilisation`` < 1 keeps a
     margin: feasibility is then judged at the replica's load divided by it.
+    ``max_loras_limit``: the most adapter slots a replica is offered (None: memory decides);
+    ``for_profile`` takes it from a predictor that names one (the surrogate's trained range of
+    ``max_loras``: beyond it every candidate would be a full twin run, and a replica with
+    hundreds of adapters gains nothing measurable from more slots than that).
     ``lower_bound`` (a bound by construction, printed with plans) and ``estimate`` (what the
     mix needs by the predictor, where packing starts): filled in by the planner so that
     comparing policies computes them once.
@@ -53,6 +57,7 @@ class PlacementContext:
     min_served_fraction: float = 0.99
     target_utilisation: float = 1.0
     max_loras_grid: tuple[int, ...] = DEFAULT_MAX_LORAS_GRID
+    max_loras_limit: int | None = None
     headroom_tolerance: float = 0.01
     lower_bound: LowerBound | None = field(default=None, compare=False)
     estimate: CapacityEstimate | None = field(default=None, compare=False)
@@ -85,6 +90,13 @@ class PlacementContext:
                 f"max_loras_grid: must be positive integers, got {self.max_loras_grid!r}"
             )
         object.__setattr__(self, "max_loras_grid", grid)
+        if self.max_loras_limit is not None and (
+            not isinstance(self.max_loras_limit, int) or isinstance(self.max_loras_limit, bool)
+            or self.max_loras_limit < 1
+        ):
+            raise PlacementError(
+                f"max_loras_limit: must be a positive integer or None, got {self.max_loras_limit!r}"
+            )
         if not callable(getattr(self.predictor, "predict", None)):
             raise PlacementError(f"predictor: {self.predictor!r} has no predict() method")
 
@@ -107,6 +119,8 @@ class PlacementContext:
         }
         if hasattr(predictor, "min_served_fraction"):  # what this predictor can tell apart
             base["min_served_fraction"] = float(predictor.min_served_fraction)
+        if getattr(predictor, "max_loras_limit", None):  # where this predictor can answer
+            base["max_loras_limit"] = int(predictor.max_loras_limit)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(profile=profile, predictor=predictor, gpu_budget=gpu_budget, **base)
 

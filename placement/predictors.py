@@ -99,6 +99,9 @@ class DomainGuard:
     def __init__(self, surrogate: Any, twin: TwinPredictor) -> None:
         self.surrogate = surrogate
         self.twin = twin
+        # the planner offers replicas no more slots than the trees were trained on
+        # (PlacementContext.max_loras_limit): beyond, every candidate would be a twin run
+        self.max_loras_limit = surrogate.max_loras_trained()
         self._runs: OrderedDict[tuple, dict[str, float]] = OrderedDict()
         self._why: Counter[str] = Counter()
         self._judged = 0

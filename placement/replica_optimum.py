@@ -92,8 +92,9 @@ def check_rank_fits(ctx: PlacementContext, max_lora_rank: int) -> int:
 
 
 def candidates(ctx: PlacementContext, n_adapters: int, cap: int) -> list[int]:
-    """max_loras values to try for a replica with ``n_adapters`` adapters and memory cap."""
-    top = max(1, min(n_adapters, cap))
+    """max_loras values to try for a replica with ``n_adapters`` adapters, memory cap and the
+    context's ``max_loras_limit``."""
+    top = max(1, min(n_adapters, cap, ctx.max_loras_limit or cap))
     return [g for g in ctx.max_loras_grid if g < top] + [top]
 
 

@@ -80,3 +80,27 @@ def test_a_model_saved_without_its_domain_refuses(narrow) -> None:
     narrow.domain_ = None
     with pytest.raises(SurrogateError, match="without its training domain"):
         narrow.outside(narrow.features([load(200)], [CONFIG]))
+
+
+def test_replicas_are_offered_no_more_slots_than_the_trees_know() -> None:
+    """The planner's max_loras candidates stop at the trained range: one replica of 800 short
+    requests' adapters is planned from the trees alone (without the limit: 77 twin runs for
+    candidates beyond 384 slots, 33 s, and the same plan)."""
+    from placement.context import PlacementContext
+    from placement.planner import make_plan
+    from placement.predictors import make_predictor
+    from twin.profile import load_profile
+    from twin.workload import uniform_workload
+
+    profile = load_profile("llama-3.1-8b-instruct")
+    guard = make_predictor("surrogate", profile)
+    trained = guard.surrogate.max_loras_trained()
+    ctx = PlacementContext.for_profile(profile, guard)
+    assert ctx.max_loras_limit == trained and 64 <= trained < 800
+    w = uniform_workload(800, 20.0, seed=1, ranks={8: 0.5, 16: 0.5},
+                         lengths=LengthModel(kind="fixed", prompt=21, output=102))
+    plan = make_plan(w, ctx)
+    assert plan.replicas == 1 and plan.groups[0].engine.max_loras <= trained
+    assert "outside_domain_predictions" not in plan.settings
+    with pytest.raises(PlacementError, match="max_loras_limit"):
+        PlacementContext.for_profile(profile, guard, max_loras_limit=0)

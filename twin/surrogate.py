@@ -465,6 +465,12 @@ class Surrogate:
         searches judge feasibility on (``twin.replica.predict_columns``), no dict per row."""
         return self.predict_arrays(self._builder(loads, configs))
 
+    def max_loras_trained(self) -> int | None:
+        """The largest ``max_loras`` of the training design (None without a domain)."""
+        if self.domain_ is None:
+            return None
+        return int(self.domain_.high[DOMAIN_FEATURES.index("max_loras")])
+
     def outside(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         """Per row: a load without a client cap (a plan's replica) whose design inputs lie
         outside what the planning trees were trained on (``Domain``); capped rows are read by
