@@ -2,14 +2,17 @@
 
 ``placement.audit`` draws ``--n`` workloads from ``--seed`` (lengths from a few tokens to
 thousands, 1-2,000 adapters, uniform / Zipf / few-hot rates, rank mixes of 8-64, from a sliver of
-one replica's load to tens of replicas' worth), plans each with ``lorafleet plan``'s default
-predictor, verifies the plan with full twin runs, and searches the fewest replicas the twin
-accepts (the lorafleet packing at fewer replicas, each verified). Prints one JSON line per
-workload (the plan's replicas, starved replicas, the twin's minimum, the printed lower bound,
-plan time, ratio) and a summary line:
+one replica's load to tens of replicas' worth), plans each as ``lorafleet plan`` does with the
+default predictor (the predictor's plan, verified with full twin runs, tightened while the twin
+starves a replica, relaxed while it accepts fewer), notes the predictor's plan alone
+(``--no-verify``) beside it, and searches the fewest replicas the twin accepts apart from that
+rule (two packings per count, each verified). Prints one JSON line per workload (the plan's
+replicas, the predictor's alone, starved replicas, the twin's minimum, the printed lower bound,
+the predictor's plan time and ``lorafleet plan``'s, ratios) and a summary line:
 
-    {"summary": true, "n", "worst_ratio", "mean_ratio", "starved_plans", "bound_violations",
-     "plans_over_twin_min", "outside_domain_plans", "max_plan_s_1000_adapters", "worst",
+    {"summary": true, "n", "worst_ratio", "mean_ratio", "worst_predicted_ratio",
+     "mean_predicted_ratio", "starved_plans", "bound_violations", "plans_over_twin_min",
+     "outside_domain_plans", "max_plan_s_1000_adapters", "max_total_s_1000_adapters", "worst",
      "unplanned" (workloads without any plan the twin accepts, even at a tight margin), ...}
 
 Targets: worst_ratio <= 1.15, 0 starved plans, 0 bound violations, plan time <= 2 s at 1,000
@@ -74,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(json.dumps({"profile": profile.name, "predictor": args.predictor, **r.to_dict()}),
               flush=True)
-        print(f"[{i + 1}/{len(workloads)}] {w.name}: {r.replicas} replicas, twin min "
-              f"{r.twin_min}, bound {r.lower_bound}, starved {r.starved} "
+        print(f"[{i + 1}/{len(workloads)}] {w.name}: {r.replicas} replicas (predictor alone "
+              f"{r.predicted_replicas}), twin min {r.twin_min}, bound {r.lower_bound}, starved "
+              f"{r.starved}, plan {r.plan_s:.2f} s / {r.total_s:.1f} s verified "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     print(json.dumps({"summary": True, "profile": profile.name, "predictor": args.predictor,
                       "seed": args.seed, "verify_duration_s": args.verify_duration,

@@ -4,11 +4,13 @@ The 13-workload suite never had short requests, and the default planner asked fo
 where one served (issue #17). ``audit_workloads`` draws diverse workloads from a seed (prompt
 and output lengths from a few tokens to thousands, 1 to 2,000 adapters, uniform / Zipf / few-hot
 rates, rank mixes of 8-64, total load from a sliver of one replica to tens of replicas' worth);
-``audit_plan`` plans one with the caller's context (the default predictor in the benchmark),
-verifies the plan with full twin runs, and searches the fewest replicas the twin accepts for
-it: the lorafleet packing at fewer replicas (``packing_within``: the packing of the workload
-scaled down until it needs at most k replicas, its engine configs chosen again at the real
-load), each verified, down until the twin starves one. ``benchmarks/plan_audit.py`` runs it.
+``audit_plan`` takes the plan ``lorafleet plan`` answers with the caller's context (the
+default predictor in the benchmark; ``placement.choose``: verified, tightened, relaxed), notes
+the predictor's plan alone (``--no-verify``) beside it, and searches the fewest replicas the
+twin accepts apart from that rule (``twin_minimum``): down one replica at a time, each count
+tried with the predictor's and the analytic packing (``make_plan_within``: the packing of the
+workload scaled down until it needs at most k replicas, its engine configs chosen again at the
+real load), each verified, until the twin accepts neither. ``benchmarks/plan_audit.py`` runs it.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from placement.common import ReplicaSpec, build_plan
+from placement.analytic import AnalyticPredictor
+from placement.choose import ChoiceRule, choose_plan, signature
 from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
-from placement.planner import make_plan, prepare
+from placement.planner import make_plan, make_plan_within, prepare
 from twin.config import EngineConfig
 from twin.lengths import LengthModel, sharegpt
 from twin.replica import ReplicaLoad
@@ -43,7 +46,6 @@ ADAPTERS: tuple[int, int] = (1, 2000)
 REPLICAS_WORTH: tuple[float, float] = (0.05, 30.0)  # offered load in single-replica capacities
 PROMPT: tuple[float, float] = (4.0, 3000.0)
 OUTPUT: tuple[float, float] = (2.0, 1500.0)
-SCALE_STEPS = 10  # bisection steps on the load scale that gives a packing of <= k replicas
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -141,6 +143,12 @@ class AuditResult:
     plan_s: float
     verify_runs: int  # twin-verified plans the search took
     outside_domain: int = 0  # predictions the twin made for the surrogate (its domain)
+    predicted_replicas: int = 0  # the predictor's plan alone (``lorafleet plan --no-verify``)
+    total_s: float = 0.0  # ``lorafleet plan``'s time: the plan, twin verification, settling
+
+    @property
+    def predicted_ratio(self) -> float:
+        return self.predicted_replicas / self.twin_min
 
     @property
     def ratio(self) -> float:
@@ -152,43 +160,33 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": round(self.ratio, 4),
+                "predicted_ratio": round(self.predicted_ratio, 4),
                 "bound_violation": self.bound_violation}
 
 
 def audit_plan(workload: Workload, ctx: PlacementContext, verify: Verify,
-               policy: str = "lorafleet") -> AuditResult:
-    """Plan ``workload`` with ``ctx``, verify it, and search the fewest replicas the twin
-    accepts (module notes). ``verify`` is ``placement.verify.verify_plans`` bound to its
-    profile, window and mapper."""
+               rule: ChoiceRule | None = None) -> AuditResult:
+    """Audit one workload (module notes). The plan is ``lorafleet plan``'s answer: ``rule``
+    (default: ``ctx``'s target utilisation, the shipped tightening and relaxing) applied with
+    ``verify``; ``plan_s`` times the predictor's plan alone (``--no-verify``), whose replica
+    count is ``predicted_replicas``. ``verify`` is ``placement.verify.verify_plans`` bound to
+    its profile, window and mapper."""
+    rule = rule or ChoiceRule(target_utilisations=(ctx.target_utilisation,))
+    runs = 0
+
+    def counted(plans: Sequence[Plan]) -> list[Plan]:
+        nonlocal runs
+        runs += len(plans)
+        return verify(plans)
+
     t0 = time.perf_counter()
-    plan = make_plan(workload, ctx, policy)
+    predicted = make_plan(workload, ctx, rule.policy)
     plan_s = time.perf_counter() - t0
-    checked = verify([plan])[0]
-    runs = 1
-    starved = checked.starved_replicas()
-    best: int | None = None if starved else plan.replicas
-    prepared = prepare(workload, replace(ctx, lower_bound=None, estimate=None))
-    if best is None:  # the plan starves: more replicas (tighter margins) until one does not
-        u = float(plan.settings.get("target_utilisation", ctx.target_utilisation))
-        while best is None and u > 0.2:
-            u *= 0.8
-            more = verify([make_plan(workload, replace(prepared, target_utilisation=u),
-                                     policy)])[0]
-            runs += 1
-            if more.starved_replicas() == 0:
-                best = more.replicas
-    if best is None:
-        raise PlacementError(f"{workload.name}: no plan the twin accepts was found")
-    k = best - 1
-    while k >= 1:
-        fewer = packing_within(workload, prepared, k, policy)
-        if fewer is None:
-            break
-        runs += 1
-        if verify([fewer])[0].starved_replicas():
-            break
-        best = fewer.replicas
-        k = best - 1
+    t0 = time.perf_counter()
+    plan = choose_plan(workload, ctx, rule, counted)
+    total_s = time.perf_counter() - t0
+    starved = plan.starved_replicas()
+    best = twin_minimum(workload, ctx, plan, counted, rule.policy)
     return AuditResult(
         workload=workload.name, n_adapters=len(workload.adapters),
         total_rate_rps=round(workload.total_rate_rps, 6),
@@ -196,48 +194,60 @@ def audit_plan(workload: Workload, ctx: PlacementContext, verify: Verify,
         mean_output=round(workload.lengths.mean_output(), 1), replicas=plan.replicas,
         starved=starved, twin_min=best, lower_bound=plan.lower_bound_replicas,
         plan_s=round(plan_s, 3), verify_runs=runs,
-        outside_domain=int(plan.settings.get("outside_domain_predictions", 0)))
+        outside_domain=int(predicted.settings.get("outside_domain_predictions", 0)),
+        predicted_replicas=predicted.replicas, total_s=round(total_s, 3))
 
 
-def packing_within(workload: Workload, ctx: PlacementContext, k: int,
-                   policy: str = "lorafleet") -> Plan | None:
-    """The ``policy`` packing of ``workload`` on at most ``k`` replicas: its packing of the
-    workload scaled down (bisection on the scale) until it needs no more than ``k``, then each
-    replica's engine config chosen again for the real load. None when even a sliver of the
-    load needs more than ``k``."""
-    lo, hi, found = 0.0, 1.0, None
-    for _ in range(SCALE_STEPS):
-        mid = (lo + hi) / 2.0
-        try:
-            p = make_plan(workload.scaled(mid), replace(ctx, lower_bound=None, estimate=None),
-                          policy)
-        except PlacementError:
-            hi = mid
-            continue
-        if p.replicas <= k:
-            lo, found = mid, p
-        else:
-            hi = mid
-    if found is None:
-        return None
-    specs = [ReplicaSpec({a.id: r.weight / g.copies for a in g.adapters
-                          for r in found.routing[a.id] if r.group == g.name},
-                         copies=g.copies, name=g.name) for g in found.groups]
-    return build_plan(workload, ctx, policy, specs)
+def twin_minimum(workload: Workload, ctx: PlacementContext, plan: Plan, verify: Verify,
+                 policy: str = "lorafleet") -> int:
+    """The fewest replicas the twin accepts, searched apart from the rule that chose ``plan``:
+    from ``plan`` (or, if the twin starves it, the policy's plan at ever tighter margins until
+    one is fed), down one replica at a time, each count tried with two packings — the one of
+    ``ctx``'s predictor and the analytic one (``make_plan_within``) — until the twin accepts
+    neither. PlacementError when no plan the twin accepts is found."""
+    prepared = prepare(workload, replace(ctx, lower_bound=None, estimate=None))
+    rough = prepare(workload, replace(prepared, predictor=AnalyticPredictor(ctx.profile),
+                                      lower_bound=None, estimate=None, max_loras_limit=None,
+                                      min_served_fraction=0.99))
+    best: int | None = None if plan.starved_replicas() else plan.replicas
+    u = float(plan.settings.get("target_utilisation", ctx.target_utilisation))
+    while best is None and u > 0.2:  # the plan starves: tighter margins until one is fed
+        u *= 0.8
+        more = verify([make_plan(workload, replace(prepared, target_utilisation=u), policy)])[0]
+        if more.starved_replicas() == 0:
+            best = more.replicas
+    if best is None:
+        raise PlacementError(f"{workload.name}: no plan the twin accepts was found")
+    while best > 1:
+        tries: dict[tuple, Plan] = {}
+        for c in (prepared, rough):
+            fewer = make_plan_within(workload, c, best - 1, policy)
+            if fewer is not None:
+                tries.setdefault(signature(fewer), fewer)
+        fed = [p.replicas for p in verify(list(tries.values())) if p.starved_replicas() == 0]
+        if not fed:
+            break
+        best = min(fed)
+    return best
 
 
 def summary(results: Sequence[AuditResult]) -> dict[str, Any]:
     """The audit's summary line: how far plans are from what the twin accepts."""
     ratios = [r.ratio for r in results]
+    alone = [r.predicted_ratio for r in results]
     big = [r.plan_s for r in results if r.n_adapters >= 1000]
+    big_total = [r.total_s for r in results if r.n_adapters >= 1000]
     return {
         "n": len(results),
         "worst_ratio": round(max(ratios), 4) if ratios else None,
         "mean_ratio": round(float(np.mean(ratios)), 4) if ratios else None,
+        "worst_predicted_ratio": round(max(alone), 4) if alone else None,
+        "mean_predicted_ratio": round(float(np.mean(alone)), 4) if alone else None,
         "starved_plans": sum(1 for r in results if r.starved),
         "bound_violations": sum(1 for r in results if r.bound_violation),
         "plans_over_twin_min": sum(1 for r in results if r.replicas > r.twin_min),
         "outside_domain_plans": sum(1 for r in results if r.outside_domain),
         "max_plan_s_1000_adapters": round(max(big), 3) if big else None,
+        "max_total_s_1000_adapters": round(max(big_total), 3) if big_total else None,
         "worst": [r.workload for r in sorted(results, key=lambda r: -r.ratio)[:5]],
     }

@@ -9,7 +9,11 @@ controller's re-planning.
    (``SETTLES_ON_TWIN``), it is planned again at ``tightening`` x the utilisation it used and
    verified again, at most ``settle_rounds`` times. The predictor packs to the edge of what *it*
    believes; the twin is the ground truth, so a replica it starves costs a replica more, not a
-   starved plan. Baselines are reported as published.
+   starved plan. **Relaxing**, the other direction: while the twin accepts such a candidate, the
+   packing on one replica fewer (``make_plan_within``) is verified and taken if the twin accepts
+   it too, at most ``relax_rounds`` times and never below the lower bound. The predictor's edge
+   is a few per cent off either way (the surrogate's throughput near capacity), and at two or
+   three replicas a few per cent is a whole replica. Baselines are reported as published.
 4. **Choosing**: the lowest ``score`` (replicas, a large penalty per starved replica, a penalty
    per second of TTFT p99 over the SLO), plus whatever cost the caller adds per candidate (the
    controller's move cost against the running plan); ties go to fewer replicas, then the label.
@@ -27,7 +31,7 @@ from placement.budget import check_budget
 from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
-from placement.planner import make_plan, prepare
+from placement.planner import make_plan, make_plan_within, prepare
 from placement.policy import POLICIES, get_policy
 from twin.workload import Workload
 
@@ -55,6 +59,7 @@ class ChoiceRule:
     target_utilisations: tuple[float, ...] = (1.0, 0.85)
     tightening: float = 0.95
     settle_rounds: int = 3
+    relax_rounds: int = 2
     replica_cost: float = 1.0
     starved_cost: float = 100.0
     ttft_slo_s: float = 10.0
@@ -71,9 +76,10 @@ class ChoiceRule:
         object.__setattr__(self, "target_utilisations", utils)
         if not _num(self.tightening) or not 0.0 < self.tightening < 1.0:
             raise ValueError(f"tightening: must be within (0, 1), got {self.tightening!r}")
-        if isinstance(self.settle_rounds, bool) or not isinstance(self.settle_rounds, int) \
-                or self.settle_rounds < 0:
-            raise ValueError(f"settle_rounds: must be an integer >= 0, got {self.settle_rounds!r}")
+        for name in ("settle_rounds", "relax_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
         for name in ("replica_cost", "starved_cost", "ttft_weight"):
             value = getattr(self, name)
             if not _num(value) or value < 0:
@@ -145,7 +151,8 @@ def settle(
     """Every candidate verified (the unverified ones in one ``verify`` call), then tightened
     while the twin starves one of its replicas (module notes, step 3): each round re-plans all
     such candidates at once and verifies them in one call. A tighter plan over ``ctx``'s GPU
-    budget, or one that fails to plan, ends that candidate's tightening with the plan it has."""
+    budget, or one that fails to plan, ends that candidate's tightening with the plan it has.
+    Then ``relax``."""
     out = list(cands)
     todo = [i for i, c in enumerate(out) if not c.plan.is_verified]
     if todo:
@@ -174,6 +181,51 @@ def settle(
         checked = _verify(verify, [c.plan for _, c in retry])
         for (i, c), plan in zip(retry, checked, strict=True):
             out[i] = replace(c, plan=plan)
+    return relax(out, workload, ctx, verify, rule)
+
+
+def relax(
+    cands: Sequence[Candidate],
+    workload: Workload,
+    ctx: PlacementContext,
+    verify: Verify,
+    rule: ChoiceRule,
+) -> list[Candidate]:
+    """Step 3, the other direction (module notes): each verified candidate lorafleet planned
+    that the twin accepts is packed on one replica fewer, verified, and replaced when the twin
+    accepts that too; ``rule.relax_rounds`` rounds, all such candidates verified in one call per
+    round (equal packings once), none below the plan's lower bound."""
+    out = list(cands)
+    free = replace(ctx, gpu_budget=None)
+    open_ = {i for i, c in enumerate(out)
+             if c.utilisation is not None and c.plan.policy in SETTLES_ON_TWIN}
+    for _ in range(rule.relax_rounds):
+        tries: dict[tuple, tuple[Plan, list[int]]] = {}
+        for i in sorted(open_):
+            plan = out[i].plan
+            k = plan.replicas - 1
+            if (not plan.is_verified or plan.starved_replicas() or k < 1
+                    or k < (plan.lower_bound_replicas or 1)):
+                open_.discard(i)
+                continue
+            try:
+                fewer = make_plan_within(workload, free, k, plan.policy)
+            except PlacementError:
+                fewer = None
+            if fewer is None or fewer.replicas >= plan.replicas:
+                open_.discard(i)
+                continue
+            key = signature(fewer)
+            tries.setdefault(key, (fewer, []))[1].append(i)
+        if not tries:
+            break
+        checked = _verify(verify, [p for p, _ in tries.values()])
+        for (_, idx), plan in zip(tries.values(), checked, strict=True):
+            for i in idx:
+                if plan.starved_replicas():
+                    open_.discard(i)  # the twin starves it: this candidate stays as it is
+                else:
+                    out[i] = replace(out[i], plan=plan)
     return out
 
 

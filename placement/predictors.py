@@ -25,6 +25,7 @@ from placement.errors import PlacementError
 from twin.config import EngineConfig
 from twin.profile import Profile
 from twin.replica import PREDICTED_METRICS, ReplicaLoad, ReplicaPredictor, TwinPredictor
+from twin.surrogate_features import FEATURE_NAMES
 
 PREDICTORS: tuple[str, ...] = ("surrogate", "analytic", "twin")
 DEFAULT_PREDICTOR = "surrogate"
@@ -33,6 +34,25 @@ DEFAULT_TWIN_WINDOW_S = 300.0
 # workload itself counts as outside (an error saying so), and the runs it remembers
 MAX_TWIN_RUNS_PER_CALL = 32
 TWIN_CACHE = 4096
+# A replica the surrogate calls short of served (not starved, under the feasibility threshold)
+# at under this share of its analytic capacity ("load_ratio") is read as the no-queue figure
+# instead: so lightly loaded nothing queues, and what a twin run misses of the offered tokens is
+# only the requests still in flight when its window closes (one request life out of the window).
+# The trees are a few per cent low there for requests of a thousand tokens and for replicas of
+# hundreds of adapters (issue #17: one adapter of 1,232-token answers read 95 % served at 0.1 %
+# of capacity, so it was never split and no plan was found; the twin served 99.7 %).
+LIGHT_LOAD_RATIO = 0.5
+# A twin run counts only requests completed inside its window, so one judging a row outside the
+# domain must be long against a request's life, or a light load of long requests reads as
+# starved (a 300-s run served 86 % of a 1 % sliver of 1,232-token answers): at least this many
+# lifetimes, at most MAX_JUDGE_S.
+TAIL_LIFETIMES = 50.0
+MAX_JUDGE_S = 7200.0
+TRAINING_WINDOW_S = 3600.0  # the simulated seconds of a training run (meta.yaml window_s)
+_I_LOAD_RATIO = FEATURE_NAMES.index("load_ratio")
+_I_TTFT_LIGHT = FEATURE_NAMES.index("ttft_light_est_ms")
+_I_MEAN_OUTPUT = FEATURE_NAMES.index("mean_output")
+_I_STEP_MS = FEATURE_NAMES.index("step_ms_est")
 
 
 def make_predictor(
@@ -83,11 +103,14 @@ class DomainGuard:
     """The surrogate where its training design reaches, the twin where it does not.
 
     Every batch is checked against the planning trees' domain (``Surrogate.outside``): rows
-    outside are predicted by ``twin`` (one run per distinct (load, config), remembered) and
-    counted by the feature that put them outside. More than ``MAX_TWIN_RUNS_PER_CALL`` new ones
-    in one call means the workload itself is outside: a PlacementError names the feature, its
-    value and range, and what to do. ``domain_report()`` says what the twin judged (the planner
-    records it with the plan, so it is never silent)."""
+    outside are predicted by ``twin`` (one run per distinct (load, config), remembered, long
+    enough against the requests' life) and counted by the feature that put them outside;
+    rows the trees call short of served at a light load (``LIGHT_LOAD_RATIO``) read the
+    no-queue figure instead, and are counted too. More than
+    ``MAX_TWIN_RUNS_PER_CALL`` new rows outside in one call means the workload itself is
+    outside: a PlacementError names the feature, its value and range, and what to do.
+    ``domain_report()`` says what the twin judged (the planner records it with the plan, so it
+    is never silent)."""
 
     name = "surrogate"
     # A plan's feasibility threshold with this predictor (PlacementContext.for_profile): the
@@ -105,12 +128,20 @@ class DomainGuard:
         self._runs: OrderedDict[tuple, dict[str, float]] = OrderedDict()
         self._why: Counter[str] = Counter()
         self._judged = 0
+        self._light = 0
 
     def predict_columns(self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
                         ) -> dict[str, np.ndarray]:
         x = self.surrogate.features(loads, configs)
         out = self.surrogate.predict_arrays(x)
-        bad = np.flatnonzero(self.surrogate.outside(x))
+        outside = self.surrogate.outside(x)
+        light = np.flatnonzero(~outside & self._short_at_light_load(x, out))
+        if light.size:
+            self._light += int(light.size)
+            offered = out["offered_total_tps"]
+            for i in light.tolist():
+                out["total_throughput_tps"][i] = offered[i] * self._no_queue_fraction(x[i])
+        bad = np.flatnonzero(outside)
         if bad.size == 0:
             return out
         keys = {i: _key(loads[i], configs[i]) for i in bad.tolist()}
@@ -124,7 +155,8 @@ class DomainGuard:
                 f"`lorafleet surrogate train --profile {self.twin.profile.name} --data "
                 "profiles/NAME.surrogate/samples.csv.gz --wide-samples N`")
         for i in new:
-            self._runs[keys[i]] = self.twin.predict_one(loads[i], configs[i])
+            self._runs[keys[i]] = self.twin.predict_one(loads[i], configs[i],
+                                                        duration_s=self._window(x[i]))
             self._why[self.surrogate.domain_.why(x[i]).split(" = ")[0]] += 1
             while len(self._runs) > TWIN_CACHE:
                 self._runs.popitem(last=False)
@@ -136,6 +168,31 @@ class DomainGuard:
                 out[name][i] = m[name]
         return out
 
+    def _short_at_light_load(self, x: np.ndarray, out: dict[str, np.ndarray]) -> np.ndarray:
+        """Rows the trees call short of served (not starved, but under the feasibility
+        threshold) at under ``LIGHT_LOAD_RATIO`` of the replica's analytic capacity."""
+        offered = out["offered_total_tps"]
+        short = out["total_throughput_tps"] < self.min_served_fraction * offered
+        return (~out["starved"].astype(bool) & short & (offered > 0)
+                & (x[:, _I_LOAD_RATIO] < LIGHT_LOAD_RATIO))
+
+    @staticmethod
+    def _life_s(row: np.ndarray) -> float:
+        """One request's life at a light load: the analytic TTFT plus the mean answer at the
+        analytic step time."""
+        return float(row[_I_TTFT_LIGHT] + row[_I_MEAN_OUTPUT] * row[_I_STEP_MS]) / 1e3
+
+    def _no_queue_fraction(self, row: np.ndarray) -> float:
+        """The offered tokens a run of the trees' training window completes when nothing
+        queues: all but the requests in flight when it closes (one life out of the window)."""
+        return max(0.0, 1.0 - self._life_s(row) / TRAINING_WINDOW_S)
+
+    def _window(self, row: np.ndarray) -> float:
+        """Simulated seconds of a twin run judging a row outside the domain: ``TAIL_LIFETIMES``
+        request lives, at least the twin's own window, at most ``MAX_JUDGE_S``."""
+        base = float(getattr(self.twin, "duration_s", 0.0))
+        return float(min(MAX_JUDGE_S, max(base, TAIL_LIFETIMES * self._life_s(row))))
+
     def predict(self, loads: Sequence[ReplicaLoad], configs: Sequence[EngineConfig]
                 ) -> list[dict[str, float]]:
         cols = self.predict_columns(loads, configs)
@@ -144,12 +201,14 @@ class DomainGuard:
 
     def domain_report(self, reset: bool = True) -> dict[str, Any]:
         """What the twin judged since the last reset: twin runs by the feature outside the
-        domain, and how many predictions they answered (cached runs answer again)."""
+        domain, and how many predictions they answered (cached runs answer again); and how
+        many light-load rows read the no-queue figure (``light_load``)."""
         report = {"twin_runs": sum(self._why.values()), "predictions": self._judged,
-                  "outside": dict(self._why)}
+                  "outside": dict(self._why), "light_load": self._light}
         if reset:
             self._why.clear()
             self._judged = 0
+            self._light = 0
         return report
 
 

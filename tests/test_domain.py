@@ -28,10 +28,14 @@ class RecordingTwin:
 
     def __init__(self) -> None:
         self.calls: list[ReplicaLoad] = []
+        self.windows: list[float | None] = []
+        self.duration_s = 300.0
         self.profile = type("P", (), {"name": "llama-3.1-8b-instruct"})()
 
-    def predict_one(self, ld: ReplicaLoad, config: EngineConfig) -> dict[str, float]:
+    def predict_one(self, ld: ReplicaLoad, config: EngineConfig,
+                    duration_s: float | None = None) -> dict[str, float]:
         self.calls.append(ld)
+        self.windows.append(duration_s)
         return {"total_throughput_tps": 123.0, "offered_total_tps": 456.0, "ttft_p50_ms": 1.0,
                 "ttft_p99_ms": 2.0, "itl_p50_ms": 3.0, "itl_p99_ms": 4.0, "starved": True}
 
@@ -62,11 +66,14 @@ def test_rows_outside_go_to_the_twin_once_and_are_reported(narrow) -> None:
     assert first[0]["total_throughput_tps"] != 123.0  # the trees answered the other
     guard.predict([outside], [CONFIG])  # remembered: no second run
     assert twin.calls == [outside]
+    assert twin.windows == [300.0]  # short requests: the twin's own window
     assert guard.domain_report() == {"twin_runs": 1, "predictions": 2,
-                                     "outside": {"mean_output": 1}}
+                                     "outside": {"mean_output": 1}, "light_load": 0}
     assert guard.domain_report()["predictions"] == 0  # reset by the first report
     cols = guard.predict_columns([outside], [CONFIG])
     assert set(cols) == set(PREDICTED_METRICS) and cols["starved"].tolist() == [True]
+    guard.predict([load(3000)], [CONFIG])  # 3,000-token answers live about a minute or more
+    assert 3000.0 <= twin.windows[-1] <= 7200.0  # fifty lives, so the tail stays ~2 %
 
 
 def test_a_workload_outside_the_domain_is_an_error_naming_the_feature(narrow) -> None:
@@ -104,3 +111,36 @@ def test_replicas_are_offered_no_more_slots_than_the_trees_know() -> None:
     assert "outside_domain_predictions" not in plan.settings
     with pytest.raises(PlacementError, match="max_loras_limit"):
         PlacementContext.for_profile(profile, guard, max_loras_limit=0)
+
+
+def test_a_light_load_the_trees_read_short_of_served_reads_the_no_queue_figure(narrow,
+                                                                            monkeypatch) -> None:
+    """Trees that call a replica at a sliver of its capacity 10 % short of served (and not
+    starved) are read at the no-queue figure: all but the requests in flight when a training
+    window closes. A heavy load keeps the trees' figure; each reading is counted."""
+    from placement.predictors import LIGHT_LOAD_RATIO, TRAINING_WINDOW_S
+    from twin.surrogate_features import FEATURE_NAMES
+
+    honest = narrow.predict_arrays
+
+    def short(x):  # noqa: ANN001, ANN202
+        out = honest(x)
+        out["total_throughput_tps"] = 0.9 * out["offered_total_tps"]
+        out["starved"] = np.zeros(len(x), dtype=bool)
+        return out
+
+    monkeypatch.setattr(narrow, "predict_arrays", short)
+    guard = DomainGuard(narrow, RecordingTwin())
+    light, heavy = load(200, rate=0.05), load(200, rate=400.0)
+    x = narrow.features([light, heavy], [CONFIG, CONFIG])
+    ratio = x[:, FEATURE_NAMES.index("load_ratio")]
+    assert ratio[0] < LIGHT_LOAD_RATIO < ratio[1]
+    cols = guard.predict_columns([light, heavy], [CONFIG, CONFIG])
+    row = x[0]
+    life_s = (row[FEATURE_NAMES.index("ttft_light_est_ms")] + row[FEATURE_NAMES.index(
+        "mean_output")] * row[FEATURE_NAMES.index("step_ms_est")]) / 1e3
+    assert 0 < life_s < 60
+    want = cols["offered_total_tps"][0] * (1 - life_s / TRAINING_WINDOW_S)
+    assert cols["total_throughput_tps"][0] == pytest.approx(want)
+    assert cols["total_throughput_tps"][1] == pytest.approx(0.9 * cols["offered_total_tps"][1])
+    assert guard.domain_report()["light_load"] == 1

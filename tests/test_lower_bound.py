@@ -66,3 +66,4 @@ def test_the_bound_never_exceeds_what_the_twin_accepts(make) -> None:
     result = audit_plan(make(), ctx, verify)
     assert 1 <= result.lower_bound <= result.twin_min <= max(result.replicas, result.twin_min)
     assert not result.bound_violation
+    assert result.starved == 0  # lorafleet plan's answer is verified and fed

@@ -192,11 +192,14 @@ class TwinPredictor:
             raise ValueError(f"loads ({len(loads)}) and configs ({len(configs)}) differ in length")
         return [self.predict_one(load, cfg) for load, cfg in zip(loads, configs, strict=True)]
 
-    def predict_one(self, load: ReplicaLoad, config: EngineConfig) -> dict[str, float]:
+    def predict_one(self, load: ReplicaLoad, config: EngineConfig,
+                    duration_s: float | None = None) -> dict[str, float]:
+        """One run of ``duration_s`` simulated seconds (default ``self.duration_s``)."""
         from twin.simulate import simulate
 
+        seconds = self.duration_s if duration_s is None else float(duration_s)
         result = simulate(
-            load.to_workload(duration_s=self.duration_s), config, self.profile, seed=self.seed,
+            load.to_workload(duration_s=seconds), config, self.profile, seed=self.seed,
             client_max_inflight=load.client_max_inflight,
         )
         return {k: result.metrics[v] for k, v in _TWIN_KEYS.items()}

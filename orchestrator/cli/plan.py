@@ -1,6 +1,6 @@
 """`lorafleet plan`: placement + slots + routing + replica count for a workload. Thin: parse,
-call ``placement.planner`` (one policy), ``placement.choose`` (``--verify``: the plan the twin
-accepts) or ``placement.compare`` (``--compare``), print."""
+call ``placement.choose`` (the default: the plan the twin accepts), ``placement.planner``
+(``--no-verify``: the predictor's plan alone) or ``placement.compare`` (``--compare``), print."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MAX_TABLE_ROWS = 40
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register `plan WORKLOAD --profile NAME [--policy P] [--compare] [--verify] ...`."""
+    """Register `plan WORKLOAD --profile NAME [--policy P] [--compare] [--no-verify] ...`."""
     from placement.policy import POLICIES
     from placement.predictors import DEFAULT_PREDICTOR, DEFAULT_TWIN_WINDOW_S, PREDICTORS
     from placement.verify import VERIFY_DURATION_S
@@ -41,9 +41,10 @@ def add_parser(subparsers: Any) -> None:
                    help=f"placement policy: {', '.join(sorted(POLICIES))} (default lorafleet)")
     p.add_argument("--compare", action="store_true",
                    help="run every registered policy and verify each plan with full twin runs")
-    p.add_argument("--verify", action="store_true",
-                   help="verify every replica group of the plan with a full twin run (lorafleet: "
-                        "re-planned at a tighter margin while the twin starves a replica)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="verify every replica group of the plan with a full twin run (default; "
+                        "lorafleet: re-planned tighter while the twin starves a replica, on fewer "
+                        "replicas while it accepts fewer); --no-verify: the predictor's plan alone")
     p.add_argument("--gpu-budget", type=int, default=None, metavar="N",
                    help="error if the plan needs more than N replicas (says what N can serve)")
     p.add_argument("-o", "--output", default=None, help="write the plan YAML here")
@@ -90,6 +91,7 @@ def _plan(args: argparse.Namespace) -> int:
     from placement.context import PlacementContext
     from placement.plan import Plan
     from placement.planner import make_plan
+    from placement.policy import get_policy
     from placement.predictors import make_predictor
     from placement.verify import verify_plans
     from twin.profile import load_profile
@@ -97,6 +99,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= 2:
         raise CLIError(f"--workers: 1 or 2 (this machine class has two cores), got {args.workers}")
+    get_policy(args.policy)  # an unknown name is an error listing the known ones, before any work
     workload = Workload.from_yaml(args.workload)
     profile = load_profile(args.profile)
     predictor = make_predictor(args.predictor, profile, profile_ref=args.profile,
@@ -215,7 +218,8 @@ def _print_plan(workload: Any, plan: Any, args: argparse.Namespace, total_s: flo
     if args.output:
         console.print(f"wrote [bold]{args.output}[/]")
     if not verified:
-        console.print("predicted figures; add --verify to check every group with a full twin run")
+        console.print("predicted figures only (--no-verify); without it every group is checked "
+                      "with a full twin run")
 
 
 def _print_comparison(workload: Any, result: Any, args: argparse.Namespace) -> None:

@@ -51,8 +51,13 @@ class ReplanConfig(ChoiceRule):
     against what a better plan saves over ``payback_s``: a replica released is worth
     ``payback_s`` replica-seconds, so a fleet that is too large comes back even when every
     adapter moves.
+
+    The controller does not relax (``relax_rounds`` 0): when live queues show replicas
+    delivering less than the twin gives them, its candidates are planned at that lower capacity
+    (``capacity_factor``), and a twin that does not know it would take the margin back.
     """
 
+    relax_rounds: int = 0
     adapter_move_s: float = 2.0
     replica_start_s: float = 60.0
     payback_s: float = 1800.0
