@@ -3,7 +3,8 @@
 Cheap (all (load, config) pairs of a call are evaluated together in numpy) and monotone, so it is
 useful for tests, for quick what-ifs and as a fallback the user selects explicitly
 (``--predictor analytic``). It is rough: queueing and the LoRA admission rule are approximated
-in closed form, so final plans should still be verified by the twin (``--verify``).
+in closed form, so final plans should still be verified by the twin (``lorafleet plan`` does,
+unless ``--no-verify``).
 
 The model, per replica, with mean prompt P and output D tokens per request:
 

@@ -1,5 +1,5 @@
-"""Choosing a plan: the one rule behind ``lorafleet plan --verify``, ``plan --compare`` and the
-controller's re-planning.
+"""Choosing a plan: the one rule behind ``lorafleet plan`` (verified by default),
+``plan --compare`` and the controller's re-planning.
 
 1. **Candidates**: the policy's plan at each target utilisation of the rule (identical plans
    once; over the GPU budget left out, the budget error only when none fits).
@@ -264,6 +264,6 @@ def best(
 def choose_plan(
     workload: Workload, ctx: PlacementContext, rule: ChoiceRule, verify: Verify
 ) -> Plan:
-    """Steps 1-4 for a caller with no running plan (``lorafleet plan --verify``)."""
+    """Steps 1-4 for a caller with no running plan (``lorafleet plan``)."""
     ctx = prepare(workload, ctx)
     return best(settle(candidates(workload, ctx, rule), workload, ctx, verify, rule), rule).plan
