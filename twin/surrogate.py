@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from numba import njit, prange
 
 from twin.calibrate import smape
 from twin.client_cap import cap_equivalent_loads
@@ -36,14 +37,7 @@ from twin.config import EngineConfig
 from twin.metrics import STARVATION_THRESHOLD
 from twin.profile import Profile, ProfileError, load_profile, profile_dirs
 from twin.replica import PREDICTED_METRICS, ReplicaLoad
-from twin.surrogate_features import (
-    CAP_NEVER_S,
-    FEATURE_NAMES,
-    HAVE_NUMBA,
-    FeatureBuilder,
-    njit,
-    prange,
-)
+from twin.surrogate_features import CAP_NEVER_S, FEATURE_NAMES, FeatureBuilder
 
 META_FORMAT_VERSION = 1
 LATENCY_TARGETS: tuple[str, ...] = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
@@ -401,12 +395,13 @@ class Surrogate:
 
     def _set_boosters(self, boosters: list[Any]) -> None:
         self.boosters_ = dict(zip(self.model_names, boosters, strict=True))
-        self.forest_ = _Forest.from_boosters(boosters) if HAVE_NUMBA else None
+        self.forest_ = _Forest.from_boosters(boosters)
 
     # -- prediction ------------------------------------------------------------------------
 
     def raw_scores(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        """(n, models) raw tree sums, by the compiled walk (or LightGBM without numba)."""
+        """(n, models) raw tree sums, by the compiled walk (LightGBM's own predict for a
+        model without its flattened forest)."""
         x = np.ascontiguousarray(X, dtype=np.float64)
         if self.forest_ is not None:
             return self.forest_.raw(x)

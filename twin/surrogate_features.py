@@ -34,25 +34,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# numba compiles the feature kernel (and twin.surrogate's forest walk): a declared dependency
+# (pyproject.toml), never an optional one whose absence silently makes planning 100x slower
+from numba import njit
+
 from twin.config import EngineConfig
 from twin.lengths import LengthModel
 from twin.profile import Profile
 from twin.replica import ReplicaLoad
-
-try:  # numba ships with vLLM; without it the kernel runs as (slow but identical) Python
-    from numba import njit, prange
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    HAVE_NUMBA = False
-
-    def njit(*args, **kwargs):  # type: ignore[no-redef]
-        if args and callable(args[0]):
-            return args[0]
-        return lambda f: f
-
-    prange = range
-
 
 FEATURE_NAMES: tuple[str, ...] = (
     "n_adapters",
