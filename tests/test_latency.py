@@ -66,3 +66,32 @@ def test_model_round_trips_and_rejects_unknown_coefficients():
         StepTimeModel.from_dict({"const": 1.0, "decode_tokenz": 2.0})
     with pytest.raises(ValueError, match="step_model.const"):
         StepTimeModel(const=float("nan"))
+
+
+@pytest.mark.parametrize("graph_max", [0, 512])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_engines_scalar_step_time_is_predict_ms(graph_max, lora):
+    """``StepCost.ms`` (what the engines call per step) equals ``predict_ms`` on random batches
+    of every regime: graph and eager steps, small and large shrink launches, ranks 8-64."""
+    from twin.latency import StepCost
+
+    rng = np.random.default_rng(graph_max + lora)
+    model = StepTimeModel.from_vector(rng.uniform(0.001, 2.0, len(FEATURES)),
+                                      cuda_graph_max_tokens=graph_max)
+    for rank in (8, 16, 32, 64):
+        slots = int(rng.integers(1, 64))
+        cost = StepCost.for_engine(model, lora_enabled=lora, max_lora_rank=rank, max_loras=slots)
+        p = rng.integers(0, 3000, 300)
+        d = rng.integers(0, 600, 300)
+        d[p + d == 0] = 1
+        k = rng.integers(0, 200_000, 300)
+        a = rng.integers(0, slots + 1, 300)
+        want = model.predict_ms(prefill_tokens=p, decode_seqs=d, ctx_tokens=k, lora_adapters=a,
+                                lora_enabled=lora, max_lora_rank=rank, max_loras=slots)
+        got = [cost.ms(int(pi), int(di), int(ki), int(ai)) for pi, di, ki, ai in
+               zip(p, d, k, a, strict=True)]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    scan = StepCost.for_engine(model, lora_enabled=lora, max_lora_rank=8, max_loras=4,
+                               scan_us_per_waiting=3.0)
+    assert scan.ms(10, 5, 100, 1, load_ms=7.0, scanned_left=1000) == pytest.approx(
+        scan.ms(10, 5, 100, 1) + 7.0 + 3.0)

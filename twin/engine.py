@@ -39,7 +39,7 @@ import numpy as np
 
 from twin.adapters import AdapterCaches
 from twin.config import EngineConfig
-from twin.latency import padding_table, rank_tiles
+from twin.latency import StepCost
 from twin.profile import Profile
 
 # request states
@@ -131,26 +131,10 @@ def run_engine(
     gpu_slots = config.max_loras
     cpu_slots = config.cpu_slots
 
-    sm = profile.step_model
-    c_const = sm.const + (sm.lora_const if lora_on else 0.0)
-    c_pref = sm.prefill_tokens + (sm.lora_prefill_ktokens / 1e3 if lora_on else 0.0)
-    c_graph = sm.graph_decode_tokens
-    c_edec = sm.eager_decode_seqs
-    c_eager = sm.eager_const
-    c_ctx = sm.ctx_ktokens / 1e3
-    tiles = float(rank_tiles(max_rank))
-    c_lad = sm.lora_adapters + sm.lora_adapter_rank_tiles * (tiles - 1) if lora_on else 0.0
-    c_ltok = (
-        sm.lora_ktokens * tiles / 1e3
-        + sm.lora_slot_mtokens * (gpu_slots + 1) / 1e6
-        if lora_on
-        else 0.0
-    )
-    graph_max = sm.cuda_graph_max_tokens
-    pad = padding_table(graph_max)
-    # shrink-kernel blocks per launched token block, by regime (see twin.latency.shrink_blocks)
-    c_shrink = sm.lora_shrink_kctas / 1e3 * tiles * (gpu_slots + 1) if lora_on else 0.0
-    c_scan = profile.scheduler.scan_us_per_waiting / 1e3
+    step_ms = StepCost.for_engine(
+        profile.step_model, lora_enabled=lora_on, max_lora_rank=max_rank, max_loras=gpu_slots,
+        scan_us_per_waiting=profile.scheduler.scan_us_per_waiting,
+    ).ms
     loads_tab = profile.adapter_loads
     ranks = [int(r) for r in adapter_ranks]
     gpu_ms = [loads_tab.gpu_load_ms(max_rank, r) for r in ranks]
@@ -570,19 +554,7 @@ def run_engine(
                 break
             t = max(t, arr[ai])
             continue
-        tot = p_tok + ndec
-        dt_ms = (
-            c_const + c_pref * p_tok + c_ctx * k_ctx + c_lad * nact + c_ltok * tot + load_ms
-            + c_scan * (scanned - n_admitted)
-        )
-        if tot <= graph_max:
-            m = pad[tot]
-            dt_ms += c_graph * (m - p_tok)
-        else:
-            m = tot
-            dt_ms += c_edec * ndec + c_eager
-        if c_shrink:
-            dt_ms += c_shrink * (64 if m < 128 else 8) * ((m + 31) // 32)
+        dt_ms = step_ms(p_tok, ndec, k_ctx, nact, load_ms, scanned - n_admitted)
         if trace is not None:
             trace.prefill_tokens.append(p_tok)
             trace.decode_seqs.append(ndec)

@@ -159,7 +159,8 @@ class StepTimeModel:
         return cls(**kw, cuda_graph_max_tokens=cuda_graph_max_tokens)
 
     def predict_ms(self, **batch: Any) -> np.ndarray:
-        """Vectorised prediction (arguments of ``design_matrix``); the engine inlines it."""
+        """Vectorised prediction (arguments of ``design_matrix``); engines call ``StepCost``,
+        its scalar form."""
         return design_matrix(cuda_graph_max_tokens=self.cuda_graph_max_tokens, **batch) @ (
             self.as_vector()
         )
@@ -212,3 +213,66 @@ def design_matrix(
             on * shrink_blocks(tpad, r, g) / 1e3,
         ]
     )
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The step-time model with one engine's configuration folded in: the scalar form of
+    ``StepTimeModel.predict_ms`` that engines call once per step (the twin's engine and the
+    live ``sim`` backend), so the formula lives here and nowhere else. ``ms`` equals
+    ``predict_ms`` for every batch (``tests/test_latency.py``), plus what a step pays outside the
+    model: adapter loads and the waiting requests the scheduler scanned past."""
+
+    const: float
+    prefill: float  # per prompt token (with the LoRA prefill term)
+    ctx: float  # per context token attended
+    adapter: float  # per distinct adapter in the batch
+    token: float  # per batched token (LoRA rank tiles and launched slots)
+    graph: float  # per padded decode row of a CUDA-graph step
+    eager_seq: float  # per decode row of an eager step ...
+    eager: float  # ... and the eager step's jump
+    shrink: float  # per shrink-kernel row block, times the regime's split
+    scan: float  # per waiting request examined and left waiting
+    graph_max: int
+    pad: tuple[int, ...]
+
+    @classmethod
+    def for_engine(cls, model: StepTimeModel, *, lora_enabled: bool, max_lora_rank: int,
+                   max_loras: int, scan_us_per_waiting: float = 0.0) -> StepCost:
+        tiles = float(rank_tiles(max_lora_rank))
+        on = bool(lora_enabled)
+        return cls(
+            const=model.const + (model.lora_const if on else 0.0),
+            prefill=model.prefill_tokens + (model.lora_prefill_ktokens / 1e3 if on else 0.0),
+            ctx=model.ctx_ktokens / 1e3,
+            adapter=(model.lora_adapters + model.lora_adapter_rank_tiles * (tiles - 1)
+                     if on else 0.0),
+            token=(model.lora_ktokens * tiles / 1e3
+                   + model.lora_slot_mtokens * (max_loras + 1) / 1e6 if on else 0.0),
+            graph=model.graph_decode_tokens,
+            eager_seq=model.eager_decode_seqs,
+            eager=model.eager_const,
+            shrink=(model.lora_shrink_kctas / 1e3 * tiles * (max_loras + 1) if on else 0.0),
+            scan=scan_us_per_waiting / 1e3,
+            graph_max=model.cuda_graph_max_tokens,
+            pad=tuple(padding_table(model.cuda_graph_max_tokens)),
+        )
+
+    def ms(self, prefill_tokens: int, decode_seqs: int, ctx_tokens: int, lora_adapters: int,
+           load_ms: float = 0.0, scanned_left: int = 0) -> float:
+        """One step's duration in ms: ``prefill_tokens`` prompt tokens and ``decode_seqs``
+        decodes (both > 0 together), ``ctx_tokens`` attended, ``lora_adapters`` distinct
+        adapters; plus adapter loads and ``scanned_left`` waiting requests scanned past."""
+        total = prefill_tokens + decode_seqs
+        ms = (self.const + self.prefill * prefill_tokens + self.ctx * ctx_tokens
+              + self.adapter * lora_adapters + self.token * total + load_ms
+              + self.scan * scanned_left)
+        if total <= self.graph_max:
+            rows = self.pad[total]
+            ms += self.graph * (rows - prefill_tokens)
+        else:
+            rows = total
+            ms += self.eager_seq * decode_seqs + self.eager
+        if self.shrink:
+            ms += self.shrink * (64 if rows < 128 else 8) * ((rows + 31) // 32)
+        return ms

@@ -4,7 +4,7 @@ Why: the control plane (ingress, routing, telemetry, deploy/status) must be exer
 of adapters and several replicas on a laptop without GPUs. This backend behaves like one vLLM
 engine from the outside - same interface as orchestrator/serving/vllm_engine.py, tokens streamed one
 step at a time - and each step lasts what the profile's step-time model
-(``twin.latency.StepTimeModel.predict_ms``) predicts for the batch it scheduled, plus the
+(``twin.latency.StepCost``, the twin engine's own) predicts for the batch it scheduled, plus the
 profile's adapter-load latency when an adapter enters a GPU slot.
 
 It is an *online approximation* of the twin's scheduler (twin/engine.py), kept small:
@@ -42,6 +42,7 @@ from orchestrator.serving.backend import (
     context_limit_error,
 )
 from twin.config import EngineConfig
+from twin.latency import StepCost
 from twin.profile import Profile
 
 PLACEHOLDER_WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " fleet", " twin", " step")
@@ -88,8 +89,12 @@ class SimEngine:
     steps: int = field(default=0, init=False)
     busy_ms: float = field(default=0.0, init=False)  # the twin's time of the steps taken
     _ranks: dict[str, int] = field(default_factory=dict, init=False)
+    _cost: StepCost | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self._cost = StepCost.for_engine(
+            self.profile.step_model, lora_enabled=self.engine.enable_lora,
+            max_lora_rank=self.engine.max_lora_rank, max_loras=self.engine.max_loras)
         if not self.max_model_len:
             self.max_model_len = self.profile.effective_max_model_len(self.engine)
         too_big = [a for a, r in self.adapters.items() if r > self.engine.max_lora_rank]
@@ -211,11 +216,8 @@ class SimEngine:
             self._gpu_slots[a] = None
             if len(self._gpu_slots) > e.max_loras:
                 self._gpu_slots.popitem(last=False)
-        ms = float(prof.step_model.predict_ms(
-            prefill_tokens=prefill, decode_seqs=decode, ctx_tokens=ctx, lora_adapters=len(used),
-            lora_enabled=float(e.enable_lora), max_lora_rank=e.max_lora_rank,
-            max_loras=e.max_loras)[0])
-        return max(0.0, ms) + load_ms
+        assert self._cost is not None
+        return max(0.0, self._cost.ms(prefill, decode, ctx, len(used))) + load_ms
 
     async def _loop(self) -> None:
         assert self._wake is not None
