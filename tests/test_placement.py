@@ -661,14 +661,16 @@ def test_lorafleet_settles_on_the_twin_and_baselines_do_not(llama):
 
 
 def test_lorafleet_relaxes_to_fewer_replicas_while_the_twin_accepts_them(llama):
-    """The predictor believes 500 tok/s per replica, the twin serves 1,100: the plan of four
-    replicas comes down one replica per round while the twin accepts, within ``relax_rounds``
-    and never below the lower bound; the twin's refusal ends it with the last accepted plan."""
+    """The predictor believes 400 tok/s per replica, the twin serves 1,100: the plan of five
+    replicas is bisected down towards the lower bound, each count verified; the fewest the twin
+    accepts is kept, within ``relax_rounds`` rounds of one verify call each."""
     from placement.choose import ChoiceRule, choose_plan
 
     w = workload([(f"a{i:02d}", 8, 0.5) for i in range(20)])  # 20 x 100 tok/s
-    ctx = prepare(w, ctx_for(llama, flat(500.0)))
-    assert make_plan(w, ctx).replicas == 4
+    ctx = prepare(w, ctx_for(llama, flat(400.0)))
+    assert make_plan(w, ctx).replicas == 5
+    lower = ctx.lower_bound.replicas
+    assert lower <= 2
     calls: list[int] = []
 
     def verify(plans):
@@ -678,15 +680,14 @@ def test_lorafleet_relaxes_to_fewer_replicas_while_the_twin_accepts_them(llama):
     def rule(rounds: int) -> ChoiceRule:
         return ChoiceRule(target_utilisations=(1.0,), relax_rounds=rounds)
 
-    assert choose_plan(w, ctx, rule(0), verify).replicas == 4
+    assert choose_plan(w, ctx, rule(0), verify).replicas == 5
     calls.clear()
-    one = choose_plan(w, ctx, rule(1), verify)
-    assert one.replicas == 3 and one.is_verified and one.starved_replicas() == 0
-    assert calls == [1, 1]
-    lower = ctx.lower_bound.replicas
+    one = choose_plan(w, ctx, rule(1), verify)  # the middle of (lower - 1, 5]: 2 or 3
+    assert one.replicas == (lower - 1 + 5) // 2 and one.is_verified
+    assert one.starved_replicas() == 0 and calls == [1, 1]
     settled = choose_plan(w, ctx, rule(5), verify)
     # 2,000 tok/s: two replicas of 1,000 are fed, one of 2,000 is not (the twin serves 1,100)
-    assert settled.replicas == max(2, lower) and settled.starved_replicas() == 0
+    assert settled.replicas == 2 and settled.starved_replicas() == 0
     assert all(g.verified for g in settled.groups)
     with pytest.raises(ValueError, match="relax_rounds"):
         ChoiceRule(relax_rounds=-1)
