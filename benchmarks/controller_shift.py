@@ -4,7 +4,9 @@ A private Ray head (``--num-cpus``, default 4) runs the plan for the shift scena
 phase (16 adapters on the tiny CPU profile, analytic predictor) with ``sim`` engines and the
 controller actor; an open-loop client then drives the four phases of
 ``load_tests.phases.shift_phases``: as planned -> the hot set moves -> the rate doubles -> it
-halves. Afterwards the controller's check records and events are read back and judged:
+halves, sending to the ingress's own listener as ``lorafleet deploy`` serves it (``--via
+proxy``: through Serve's HTTP proxy). Afterwards the controller's check records and events are
+read back and judged:
 
 * ``checks``: per check, its time since the run started, the phase, the client's ``offered_rps``
   over the span the estimate rests on, the controller's ``estimated_rps``, the fleet's replicas;
@@ -21,7 +23,7 @@ Targets (issue #16): max_rate_error <= 0.15; replicas never above twin_needed + 
 it at the end of each phase; no transition in stationary phases; no failed request.
 
     python benchmarks/controller_shift.py [--phase-s 40] [--seed 0] [--num-cpus 4]
-        [--window-s 20] [--out timeline.json]
+        [--window-s 20] [--via listener|proxy] [--out timeline.json]
 
 Prints one JSON line (the timeline too with ``--out``). Takes about phase_s x 5 + 90 s.
 """
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=float, default=4.0)
     ap.add_argument("--window-s", type=float, default=20.0)
     ap.add_argument("--out", default=None, help="write the whole timeline (JSON) here")
+    ap.add_argument("--via", choices=("listener", "proxy"), default="listener",
+                    help="send to the ingress's own listener (what `lorafleet deploy` prints, "
+                    "default) or through Serve's HTTP proxy")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -183,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         connect(head.address)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        spec = ServingSpec.from_args({"plan_path": str(tmp / "plan.yaml"), "engine": "sim"})
+        listen = free_port() if args.via == "listener" else None
+        spec = ServingSpec.from_args({"plan_path": str(tmp / "plan.yaml"), "engine": "sim",
+                                      **({"listen": f"127.0.0.1:{listen}"} if listen else {})})
         actor = start_controller(spec, s, name="shift-controller")
-        print(f"deployed {plan.replicas} replicas; driving {len(phases)} phases",
-              file=sys.stderr)
-        run = asyncio.run(drive_phases(f"http://127.0.0.1:{port}", phases, seed=args.seed))
+        url = f"http://127.0.0.1:{listen or port}"
+        print(f"deployed {plan.replicas} replicas; driving {len(phases)} phases at {url} "
+              f"({args.via})", file=sys.stderr)
+        run = asyncio.run(drive_phases(url, phases, seed=args.seed))
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while ray.get(actor.status.remote())["busy"] and time.monotonic() < deadline:
             time.sleep(1.0)
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                            if e["kind"] in ("drift", "replan", "transition", "capacity",
                                             "calibration_gap", "twin_local")]}
     line = {"benchmark": "controller_shift", "phase_s": args.phase_s, "seed": args.seed,
-            "window_s": args.window_s, "num_cpus": args.num_cpus,
+            "window_s": args.window_s, "num_cpus": args.num_cpus, "via": args.via,
             "plan_replicas": plan.replicas, **out,
             "wall_s": round(time.time() - t_start, 1),
             "load_1m": round(os.getloadavg()[0], 2)}
