@@ -206,9 +206,7 @@ def twin_minimum(workload: Workload, ctx: PlacementContext, plan: Plan, verify: 
     ``ctx``'s predictor and the analytic one (``make_plan_within``) — until the twin accepts
     neither. PlacementError when no plan the twin accepts is found."""
     prepared = prepare(workload, replace(ctx, lower_bound=None, estimate=None))
-    rough = prepare(workload, replace(prepared, predictor=AnalyticPredictor(ctx.profile),
-                                      lower_bound=None, estimate=None, max_loras_limit=None,
-                                      min_served_fraction=0.99))
+    rough = prepare(workload, prepared.with_predictor(AnalyticPredictor(ctx.profile)))
     best: int | None = None if plan.starved_replicas() else plan.replicas
     u = float(plan.settings.get("target_utilisation", ctx.target_utilisation))
     while best is None and u > 0.2:  # the plan starves: tighter margins until one is fed

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from placement.analytic import AnalyticPredictor
 from placement.budget import check_budget
 from placement.context import PlacementContext
 from placement.errors import PlacementError
@@ -195,12 +196,15 @@ def relax(
 ) -> list[Candidate]:
     """Step 3, the other direction (module notes): for each verified candidate lorafleet
     planned that the twin accepts, a bisection on the replica count between it and the plan's
-    lower bound (no plan has fewer): each round packs every open candidate on the middle count
-    (``make_plan_within``), verifies them all in one call (equal packings once), and moves the
-    candidate's upper end down to what the twin accepts, or the lower end up to what it starves.
-    ``rule.relax_rounds`` rounds."""
+    lower bound (no plan has fewer). Each round packs every open candidate on the middle count
+    twice — with ``ctx``'s predictor and with the analytic one (``make_plan_within``; the two
+    choose groups and slots differently, and where the surrogate's choice starves the other's
+    is often fed) — verifies all packings in one call (equal ones once), and moves the
+    candidate's upper end down to the fewest replicas the twin accepts, or the lower end up to
+    the count it starves both at. ``rule.relax_rounds`` rounds."""
     out = list(cands)
     free = replace(ctx, gpu_budget=None)
+    packers = [free, free.with_predictor(AnalyticPredictor(ctx.profile))]
     lows: dict[int, int] = {}  # candidate -> the most replicas known (or bounded) too few
     for i, c in enumerate(out):
         p = c.plan
@@ -208,32 +212,40 @@ def relax(
                 and not p.starved_replicas()):
             lows[i] = max(0, (p.lower_bound_replicas or 1) - 1)
     for _ in range(rule.relax_rounds):
-        tries: dict[tuple, tuple[Plan, list[tuple[int, int]]]] = {}
+        tries: dict[tuple, Plan] = {}
+        asked: dict[int, tuple[int, list[tuple]]] = {}  # candidate -> (count, its packings)
         for i in sorted(lows):
             hi = out[i].plan.replicas
             if hi - lows[i] <= 1:
                 del lows[i]
                 continue
             k = (lows[i] + hi) // 2
-            try:
-                fewer = make_plan_within(workload, free, k, out[i].plan.policy)
-            except PlacementError:
-                fewer = None
-            if fewer is None:
+            keys = []
+            for packer in packers:
+                try:
+                    fewer = make_plan_within(workload, packer, k, out[i].plan.policy)
+                except PlacementError:
+                    fewer = None
+                if fewer is not None:
+                    keys.append(signature(fewer))
+                    tries.setdefault(keys[-1], fewer)
+            if keys:
+                asked[i] = (k, keys)
+            else:
                 lows[i] = k  # not even a sliver of the load packs on k
-                continue
-            tries.setdefault(signature(fewer), (fewer, []))[1].append((i, k))
         if not tries:
             if not lows:
                 break
             continue
-        checked = _verify(verify, [p for p, _ in tries.values()])
-        for (_, owners), plan in zip(tries.values(), checked, strict=True):
-            for i, k in owners:
-                if plan.starved_replicas():
-                    lows[i] = max(lows[i], k)  # the twin starves k: more are needed
-                elif plan.replicas < out[i].plan.replicas:
-                    out[i] = replace(out[i], plan=plan)
+        checked = dict(zip(tries, _verify(verify, list(tries.values())), strict=True))
+        for i, (k, keys) in asked.items():
+            fed = [checked[key] for key in keys if not checked[key].starved_replicas()]
+            if not fed:
+                lows[i] = max(lows[i], k)  # the twin starves both packings: more are needed
+                continue
+            plan = min(fed, key=lambda p: p.replicas)
+            if plan.replicas < out[i].plan.replicas:
+                out[i] = replace(out[i], plan=plan)
     return out
 
 

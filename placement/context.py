@@ -8,7 +8,7 @@ by side on identical terms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # annotations only: the planner fills these fields
 
 # max_loras values the per-replica optimum tries (capped per replica by its adapter count and by
 # memory). Dense at the small end, where one slot more or less decides starvation.
+DEFAULT_MIN_SERVED_FRACTION = 0.99  # of offered tokens a feasible replica completes
 DEFAULT_MAX_LORAS_GRID: tuple[int, ...] = (
     1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
 )
@@ -54,7 +55,7 @@ class PlacementContext:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     max_model_len: int | None = None
-    min_served_fraction: float = 0.99
+    min_served_fraction: float = DEFAULT_MIN_SERVED_FRACTION
     target_utilisation: float = 1.0
     max_loras_grid: tuple[int, ...] = DEFAULT_MAX_LORAS_GRID
     max_loras_limit: int | None = None
@@ -123,6 +124,16 @@ class PlacementContext:
             base["max_loras_limit"] = int(predictor.max_loras_limit)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(profile=profile, predictor=predictor, gpu_budget=gpu_budget, **base)
+
+    def with_predictor(self, predictor: ReplicaPredictor) -> PlacementContext:
+        """This context with another predictor, and what ``for_profile`` takes from one (its
+        feasibility threshold and slot limit, else the defaults); the lower bound and estimate
+        are dropped (the planner computes them again)."""
+        return replace(
+            self, predictor=predictor, lower_bound=None, estimate=None,
+            min_served_fraction=float(getattr(predictor, "min_served_fraction",
+                                              DEFAULT_MIN_SERVED_FRACTION)),
+            max_loras_limit=getattr(predictor, "max_loras_limit", None))
 
     @cached_property
     def memory_caps(self) -> dict[int, int]:
