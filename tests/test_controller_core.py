@@ -569,3 +569,26 @@ def test_a_burst_of_many_requests_in_a_few_seconds_is_not_yet_a_decision(core) -
     feed(c, now, workload(100.0), 6)  # 12 s of the new rate
     out = c.check()
     assert "gathering" not in out["decision"] and any("total rate" in r for r in out["drift"])
+
+
+def test_a_whatif_waits_for_a_running_transition(core, monkeypatch) -> None:
+    """A what-if never estimates while a check or transition holds the loop: it waits for it
+    (bounded), then answers from the settled fleet, or says why it cannot."""
+    import threading
+
+    import orchestrator.control.controller as controller
+    from orchestrator.control.controller import ControllerError
+
+    c, cluster, now = core
+    c.bootstrap()
+    feed(c, now, planned_workload(c.plan), 25)
+    monkeypatch.setattr(controller, "WHATIF_WAIT_S", 0.2)
+    with c.busy, pytest.raises(ControllerError, match="transition has run for over 0.2 s"):
+        c.whatif(rate_scale=2.0)  # while a transition is running
+    release = threading.Timer(0.1, c.busy.release)
+    c.busy.acquire()
+    release.start()  # the transition ends while the what-if waits
+    out = c.whatif(rate_scale=2.0)
+    assert out["workload"]["total_rate_rps"] == pytest.approx(
+        2 * planned_workload(c.plan).total_rate_rps, rel=0.25)
+    assert not c.busy.locked()
