@@ -167,3 +167,35 @@ def test_ray_map_never_waits_without_bound(ray_cluster):
     assert got == [4.0, 0.0] and len(why) == 1 and "within 0.5 s" in why[0]
     with pytest.raises(ValueError, match="stall_timeout_s"):
         ray_map(stall_timeout_s=0)
+
+@pytest.mark.integration
+def test_ray_map_waits_for_cpus_that_free_up(ray_cluster):
+    """CPUs held for a while (a replica stopping, tasks that just finished and Ray's view of
+    them lagging) are waited for up to ``free_wait_s``, not read as "none free" at once."""
+    import threading
+
+    import ray
+
+    from orchestrator.control.fanout import ray_map
+
+    @ray.remote(num_cpus=4)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    ray_cluster.wait_cpus_free(4)
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    why: list[str] = []
+    assert ray_map(free_wait_s=0, on_fallback=why.append)(math.sqrt, [4.0]) == [2.0]
+    assert len(why) == 1 and "no CPU free" in why[0]
+    why.clear()
+    release = threading.Timer(1.0, ray.kill, args=(holder,))
+    release.start()
+    try:
+        got = ray_map(free_wait_s=300, on_fallback=why.append)(math.sqrt, [4.0, 9.0])
+    finally:
+        release.join()
+    assert got == [2.0, 3.0] and why == []  # ran as Ray tasks once the holder was gone
+    with pytest.raises(ValueError, match="free_wait_s"):
+        ray_map(free_wait_s=-1)

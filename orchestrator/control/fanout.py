@@ -14,7 +14,8 @@ come back in job order; ``progress(done_jobs, total_jobs)`` is called after each
 A job's exception is re-raised in the caller (its own type, when it can be pickled) with a note
 naming the job's index and the remote traceback.
 
-Waits are bounded: a cluster with no CPU free for a task (every CPU reserved by replicas), tasks
+Waits are bounded: a cluster with no CPU free for a task within ``free_wait_s`` (every CPU
+reserved by replicas), tasks
 that do not finish for ``stall_timeout_s`` and tasks that die with their worker or node make the
 jobs left run in the calling process instead; ``on_fallback(reason)`` says so. A controller that
 waits on twin tasks therefore never wedges.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -33,6 +35,11 @@ from typing import Any, TypeVar
 from twin.parallel import Mapper, Progress
 
 DEFAULT_STALL_TIMEOUT_S = 60.0  # no twin task finished for this long: run the rest here
+# How long a call waits for a CPU to show free before it runs the jobs itself. Ray's view of the
+# free CPUs lags the tasks that just finished (the raylet reports every ~100 ms, later on a busy
+# host), so a call right after another one can read 0 free for a moment.
+DEFAULT_FREE_WAIT_S = 5.0
+FREE_POLL_S = 0.05
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -79,6 +86,21 @@ def _raise_failure(failure: tuple[int, Any, str], total: int, where: str, tb_lab
     raise exc
 
 
+def _free_cpus_within(need: float, wait_s: float) -> float:
+    """The cluster's free CPUs, polled for up to ``wait_s`` until ``need`` show free; no wait
+    when the cluster has fewer than ``need`` CPUs in all (they can never be free)."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free >= need or time.monotonic() >= deadline:
+            return free
+        if float(ray.cluster_resources().get("CPU", 0.0)) < need:
+            return free
+        time.sleep(FREE_POLL_S)
+
+
 @functools.cache
 def _remote_batch() -> Any:
     import ray
@@ -88,17 +110,18 @@ def _remote_batch() -> Any:
 
 def ray_map(
     *, batch_size: int = 1, max_in_flight: int | None = None, num_cpus: float = 1,
-    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S, free_wait_s: float = DEFAULT_FREE_WAIT_S,
     on_fallback: Callable[[str], None] | None = None,
 ) -> Mapper:
     """A mapper running ``fn`` over the jobs as Ray tasks of ``batch_size`` jobs each, at most
     ``max_in_flight`` tasks outstanding (default: cluster CPUs / ``num_cpus``), each task asking
     for ``num_cpus`` CPUs. Needs ``ray.is_initialized()`` when called.
 
-    It never waits without bound: when the cluster has no ``num_cpus`` free (replicas reserved
-    them all), when no task finishes for ``stall_timeout_s`` (tasks that cannot be scheduled,
-    a lost node) or when a task dies (not a job's own exception, which is raised), the jobs left
-    run in this process instead, and ``on_fallback(reason)`` says why."""
+    It never waits without bound: when the cluster has no ``num_cpus`` free within
+    ``free_wait_s`` (replicas reserved them all; at once when it has fewer CPUs in all), when
+    no task finishes for ``stall_timeout_s`` (tasks that cannot be scheduled, a lost node) or
+    when a task dies (not a job's own exception, which is raised), the jobs left run in this
+    process instead, and ``on_fallback(reason)`` says why."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     if max_in_flight is not None and (
@@ -111,6 +134,8 @@ def ray_map(
         raise ValueError(f"num_cpus: must be >= 0, got {num_cpus!r}")
     if not stall_timeout_s > 0:
         raise ValueError(f"stall_timeout_s: must be > 0, got {stall_timeout_s!r}")
+    if not free_wait_s >= 0:
+        raise ValueError(f"free_wait_s: must be >= 0, got {free_wait_s!r}")
 
     def mapper(
         fn: Callable[[J], R], jobs: Sequence[J], progress: Progress | None = None
@@ -149,10 +174,11 @@ def ray_map(
                     progress(done, total)
 
         starts = list(range(0, total, batch_size))
-        free = float(ray.available_resources().get("CPU", 0.0))
+        free = _free_cpus_within(num_cpus, free_wait_s) if num_cpus > 0 else 0.0
         if num_cpus > 0 and free < num_cpus:
-            local(starts, f"no CPU free for twin tasks ({free:g} available, each needs "
-                          f"{num_cpus:g}): ran {total} twin run(s) in this process")
+            local(starts, f"no CPU free for twin tasks ({free:g} available after waiting up "
+                          f"to {free_wait_s:g} s, each needs {num_cpus:g}): ran {total} twin "
+                          "run(s) in this process")
             return results
         limit = max_in_flight
         if limit is None:
