@@ -2,7 +2,7 @@
 
 It walks the running and waiting lists exactly as vLLM's ``Scheduler.schedule()`` does, with no
 aggregate bookkeeping, so it is easy to check against the vLLM source by eye. The fast engine
-(twin/engine.py) must produce identical per-request timings and load counts on any input where
+(twin/engine/) must produce identical per-request timings and load counts on any input where
 no request comes within ``kv_preallocate_blocks`` blocks of max_model_len (the fast engine does
 not cap preallocation there). The worker's adapter caches are OrderedDicts touched in hash order
 every step, as vLLM's ``LRUCacheWorkerLoRAManager`` does.

@@ -1,34 +1,25 @@
-"""The ``sim`` engine backend: the twin's timing in real time, placeholder tokens.
+"""The ``sim`` engine backend: the twin's own engine in real time, placeholder tokens.
 
 Why: the control plane (ingress, routing, telemetry, deploy/status) must be exercised at hundreds
-of adapters and several replicas on a laptop without GPUs. This backend behaves like one vLLM
-engine from the outside - same interface as orchestrator/serving/vllm_engine.py, tokens streamed one
-step at a time - and each step lasts what the profile's step-time model
-(``twin.latency.StepCost``, the twin engine's own) predicts for the batch it scheduled, plus the
-profile's adapter-load latency when an adapter enters a GPU slot.
+of adapters and several replicas on a laptop without GPUs, against the engine placement trusts.
+This backend behaves like one vLLM engine from the outside - same interface as
+orchestrator/serving/vllm_engine.py, tokens streamed one step at a time - and inside it drives
+``twin.engine.EngineCore``, the twin's engine, in real time: the same scheduler (token budget,
+FCFS, the ``max_loras`` rule), KV exhaustion and preemption, the GPU slots and CPU cache with
+their load times, and the step time of ``twin.latency``. Each step is delivered when the real
+clock reaches its end.
 
-It is an *online approximation* of the twin's scheduler (twin/engine.py), kept small:
-
-* each step: running requests first (decode = 1 token, an unfinished prefill its next chunk)
-  within ``max_num_batched_tokens``; then waiting requests FCFS up to ``max_num_seqs``; a waiting
-  request whose adapter is not in the step's adapter set is skipped when the set already has
-  ``max_loras`` adapters (vLLM V1's LoRA admission rule);
-* GPU adapter slots are an LRU of ``max_loras`` (a miss costs the profile's GPU load time);
-* not modelled: KV-cache exhaustion and preemption (the tiny CPU model's cache holds ~1 M tokens;
-  use the twin itself for saturated replicas), CPU-cache misses, EOS (every request produces
-  exactly ``max_tokens`` placeholder tokens).
-
-Prompt text is counted as one token per 4 characters (at least 1); token-id prompts count
-exactly, which is what the load generators send.
+Not modelled: EOS (every request produces exactly ``max_tokens`` placeholder tokens). Prompt
+text is counted as one token per 4 characters (at least 1); token-id prompts count exactly, which
+is what the load generators send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
-import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +33,7 @@ from orchestrator.serving.backend import (
     context_limit_error,
 )
 from twin.config import EngineConfig
-from twin.latency import StepCost
+from twin.engine import EngineCore
 from twin.profile import Profile
 
 PLACEHOLDER_WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " fleet", " twin", " step")
@@ -56,23 +47,17 @@ def count_text_tokens(text: str) -> int:
 
 @dataclass(eq=False)
 class _Seq:
-    id: int
-    adapter: str | None
-    prompt_tokens: int
-    max_tokens: int
-    out: asyncio.Queue[Delta]
-    prefilled: int = 0
-    generated: int = 0
-    done: bool = False
+    """A request in flight: its engine id, its stream and the tokens sent so far."""
 
-    @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < self.prompt_tokens
+    rid: int
+    out: asyncio.Queue[Delta]
+    emitted: int = 0
+    done: bool = False
 
 
 @dataclass
 class SimEngine:
-    """Real-time engine loop over the profile's step-time model (module docstring)."""
+    """Real-time driver of the twin's ``EngineCore`` (module docstring)."""
 
     engine: EngineConfig
     profile: Profile
@@ -80,35 +65,40 @@ class SimEngine:
     max_model_len: int = 0  # 0: the engine config's, else the profile's
     time_scale: float = 1.0  # >1 runs faster than real time (tests)
     kind: str = "sim"
-    _waiting: deque[_Seq] = field(default_factory=deque, init=False)
-    _running: list[_Seq] = field(default_factory=list, init=False)
-    _gpu_slots: OrderedDict[str, None] = field(default_factory=OrderedDict, init=False)
+    _core: EngineCore | None = field(default=None, init=False)
+    _index: dict[str, int] = field(default_factory=dict, init=False)  # adapter id -> index
+    _live: dict[int, _Seq] = field(default_factory=dict, init=False)  # rid -> stream
     _wake: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task | None = field(default=None, init=False)
-    _ids: itertools.count = field(default_factory=itertools.count, init=False)
+    _t0: float = field(default=0.0, init=False)  # real time of the engine's time 0
+    _last_arrival: float = field(default=0.0, init=False)
     steps: int = field(default=0, init=False)
     busy_ms: float = field(default=0.0, init=False)  # the twin's time of the steps taken
-    _ranks: dict[str, int] = field(default_factory=dict, init=False)
-    _cost: StepCost | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self._cost = StepCost.for_engine(
-            self.profile.step_model, lora_enabled=self.engine.enable_lora,
-            max_lora_rank=self.engine.max_lora_rank, max_loras=self.engine.max_loras)
-        if not self.max_model_len:
-            self.max_model_len = self.profile.effective_max_model_len(self.engine)
-        too_big = [a for a, r in self.adapters.items() if r > self.engine.max_lora_rank]
+        self._check_ranks(self.adapters)
+        engine = self.engine
+        if self.max_model_len:
+            engine = dataclasses.replace(engine, max_model_len=self.max_model_len)
+        self._index = {a: i for i, a in enumerate(self.adapters)}
+        self._core = EngineCore(engine, self.profile, list(self.adapters.values()))
+        self._core.collect = True
+        self.max_model_len = self._core.max_len
+
+    def _check_ranks(self, ranks: Mapping[str, int]) -> None:
+        too_big = [a for a, r in ranks.items() if r > self.engine.max_lora_rank]
         if too_big:
             raise ValueError(f"adapters {too_big[:5]} exceed max_lora_rank "
                              f"{self.engine.max_lora_rank}")
-        self._ranks = dict(self.adapters)
 
     async def start(self) -> BackendInfo:
-        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._t0 = loop.time()
+        self._task = loop.create_task(self._loop())
         return BackendInfo("sim", f"sim:{self.profile.name}", self.max_model_len,
-                           tuple(self.adapters), {"engine_start_s": time.perf_counter() - t0,
+                           tuple(self.adapters), {"engine_start_s": loop.time() - t0,
                                                   "profile": self.profile.name})
 
     def loaded_adapters(self) -> Sequence[str]:
@@ -116,15 +106,27 @@ class SimEngine:
 
     async def set_adapters(self, adapters: Sequence[Any]) -> None:
         ranks = {a.id: int(a.rank) for a in adapters}
-        too_big = [a for a, r in ranks.items() if r > self.engine.max_lora_rank]
-        if too_big:
-            raise ValueError(f"adapters {too_big[:5]} exceed max_lora_rank "
-                             f"{self.engine.max_lora_rank}")
-        self._ranks.update(ranks)  # running requests of a dropped adapter still cost its rank
+        self._check_ranks(ranks)
+        assert self._core is not None
+        for a, r in ranks.items():  # a dropped adapter keeps its index: requests may still run
+            if a not in self._index:
+                self._index[a] = self._core.add_adapter(r)
         self.adapters = ranks
 
+    @property
+    def core(self) -> EngineCore:
+        """The twin engine this backend drives (its request table holds every request's
+        arrival, first token and finish in the engine's time)."""
+        assert self._core is not None
+        return self._core
+
+    @property
+    def preemptions(self) -> int:
+        return self.core.scheduler.preempted_total
+
     def queue_depth(self) -> tuple[int, int]:
-        return len(self._running), len(self._waiting)
+        assert self._core is not None
+        return self._core.depth()
 
     async def check_health(self) -> None:
         if self._task is None or self._task.done():
@@ -135,13 +137,16 @@ class SimEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for s in [*self._running, *self._waiting]:
-            s.out.put_nowait(Delta(finish_reason="abort"))
-        self._running.clear()
-        self._waiting.clear()
+        for seq in self._live.values():
+            seq.done = True
+            seq.out.put_nowait(Delta(finish_reason="abort"))
+        self._live.clear()
+
+    def _sim_now(self) -> float:
+        return (asyncio.get_running_loop().time() - self._t0) * self.time_scale
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        if self._task is None or self._wake is None:
+        if self._task is None or self._wake is None or self._core is None:
             raise EngineUnavailable("the sim engine is not running")
         if request.adapter is not None and request.adapter not in self.adapters:
             raise UnknownModel(f"adapter {request.adapter!r} is not held by this replica",
@@ -154,9 +159,11 @@ class SimEngine:
             n_prompt = sum(count_text_tokens(c) + 4 for _, c in request.messages or ())
         if n_prompt + request.max_tokens > self.max_model_len:
             raise context_limit_error(n_prompt, request.max_tokens, self.max_model_len)
-        seq = _Seq(next(self._ids), request.adapter, max(1, n_prompt), request.max_tokens,
-                   asyncio.Queue())
-        self._waiting.append(seq)
+        arrival = max(self._sim_now(), self._last_arrival)
+        self._last_arrival = arrival
+        adapter = -1 if request.adapter is None else self._index[request.adapter]
+        rid = self._core.submit(arrival, adapter, max(1, n_prompt), request.max_tokens)
+        seq = self._live[rid] = _Seq(rid, asyncio.Queue())
         self._wake.set()
         yield Delta(prompt_tokens=n_prompt)
         try:
@@ -166,92 +173,53 @@ class SimEngine:
                 if d.finish_reason is not None:
                     return
         finally:
-            if not seq.done:  # the client went away: free the slot as vLLM's abort does
+            if not seq.done:  # the client went away: free what it holds, as vLLM's abort does
                 seq.done = True
-                if seq in self._running:
-                    self._running.remove(seq)
-                elif seq in self._waiting:
-                    self._waiting.remove(seq)
+                self._live.pop(rid, None)
+                self._core.abort(rid)
 
     # -- the engine loop ----------------------------------------------------------------------
-    def _schedule(self) -> list[tuple[_Seq, int]]:
-        e = self.engine
-        budget = e.max_num_batched_tokens
-        batch: list[tuple[_Seq, int]] = []
-        adapters: set[str] = {s.adapter for s in self._running if s.adapter is not None}
-        for s in self._running:
-            if budget <= 0:
-                break
-            n = min(s.prompt_tokens - s.prefilled, budget) if s.in_prefill else 1
-            batch.append((s, n))
-            budget -= n
-        skipped: list[_Seq] = []
-        while self._waiting and budget > 0 and len(self._running) < e.max_num_seqs:
-            s = self._waiting.popleft()
-            if (s.adapter is not None and s.adapter not in adapters
-                    and len(adapters) >= e.max_loras):
-                skipped.append(s)
-                continue
-            if s.adapter is not None:
-                adapters.add(s.adapter)
-            n = min(s.prompt_tokens, budget)
-            self._running.append(s)
-            batch.append((s, n))
-            budget -= n
-        self._waiting.extendleft(reversed(skipped))
-        return batch
-
-    def _step_ms(self, batch: list[tuple[_Seq, int]]) -> float:
-        e, prof = self.engine, self.profile
-        prefill = sum(n for s, n in batch if s.in_prefill)
-        decode = sum(1 for s, _ in batch if not s.in_prefill)
-        ctx = sum(s.prefilled + s.generated + n for s, n in batch)
-        used = {s.adapter for s, _ in batch if s.adapter is not None}
-        load_ms = 0.0
-        for a in used:
-            if a in self._gpu_slots:
-                self._gpu_slots.move_to_end(a)
-                continue
-            load_ms += prof.adapter_loads.gpu_load_ms(e.max_lora_rank, self._ranks[a])
-            self._gpu_slots[a] = None
-            if len(self._gpu_slots) > e.max_loras:
-                self._gpu_slots.popitem(last=False)
-        assert self._cost is not None
-        return max(0.0, self._cost.ms(prefill, decode, ctx, len(used))) + load_ms
-
     async def _loop(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._core is not None
+        core, wake = self._core, self._wake
         loop = asyncio.get_running_loop()
-        next_t = loop.time()
         word = itertools.cycle(PLACEHOLDER_WORDS)
         while True:
-            if not self._running and not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                next_t = loop.time()
-            batch = self._schedule()
-            if not batch:  # everything waiting is blocked by the LoRA rule: cannot happen twice
-                await asyncio.sleep(0.001)
+            if not self._live:
+                wake.clear()
+                await wake.wait()
+            # the engine runs back to back while it has work: its next step starts when the
+            # last one ended, even if the real clock is a hair short of it (timers fire early
+            # within the clock's resolution); every submitted request has arrived by then
+            until = max(self._sim_now(), core.now, self._last_arrival)
+            end = core.step(math.nextafter(until, math.inf))
+            if end is None:  # nothing can start (all blocked): wait for a request or an abort
+                wake.clear()
+                await wake.wait()
                 continue
-            # the engine keeps the twin's timeline: a step that started late (the host was
-            # busy: a shared test machine, not the GPU this stands for) is caught up by the
-            # next ones, up to MAX_CATCH_UP_S behind; a longer stall is lost time
-            step_ms = self._step_ms(batch)
-            next_t = max(next_t, loop.time() - MAX_CATCH_UP_S) + step_ms / 1e3 / self.time_scale
-            await asyncio.sleep(max(0.0, next_t - loop.time()))
+            # the engine keeps the twin's timeline: a step that ended late (the host was busy:
+            # a shared test machine, not the GPU this stands for) is caught up by the next ones,
+            # up to MAX_CATCH_UP_S behind; a longer stall is lost time
+            due = self._t0 + end / self.time_scale
+            late = loop.time() - due
+            if late > MAX_CATCH_UP_S:
+                self._t0 += late - MAX_CATCH_UP_S
+            elif late < 0:
+                await asyncio.sleep(-late)
             self.steps += 1
-            self.busy_ms += step_ms
-            for s, n in batch:
-                if s.done:
-                    continue
-                if s.in_prefill:
-                    s.prefilled += n
-                    if s.in_prefill:
-                        continue  # chunked prefill: no token yet
-                s.generated += 1
-                finished = s.generated >= s.max_tokens
-                s.out.put_nowait(Delta(text=next(word), n_tokens=1,
-                                       finish_reason="length" if finished else None))
-                if finished:
-                    s.done = True
-                    self._running.remove(s)
+            self.busy_ms += core.last_step_ms
+            self._deliver(core, word)
+
+    def _deliver(self, core: EngineCore, word: Any) -> None:
+        """Send each live request the tokens the step produced, and the finish."""
+        finished = set(core.last_finished)
+        for rid, seq in list(self._live.items()):
+            new = core.generated(rid) - seq.emitted
+            for k in range(new):
+                last = rid in finished and k == new - 1
+                seq.out.put_nowait(Delta(text=next(word), n_tokens=1,
+                                         finish_reason="length" if last else None))
+            seq.emitted += new
+            if rid in finished:
+                seq.done = True
+                del self._live[rid]
