@@ -67,7 +67,7 @@ def test_cpu_cache_misses_cost_disk_loads() -> None:
     # 6 steps of 5 ms; gpu loads for a, b, c (3 x 2 ms); disk loads for b and c (2 x 30 ms)
     assert eng.steps == 6
     assert eng.busy_ms == pytest.approx(6 * 5.0 + 3 * 2.0 + 2 * 30.0)
-    assert eng.core.lora.caches.disk_loads == 2
+    assert eng.core.disk_loads == 2
 
 
 def test_the_engine_runs_back_to_back_when_the_real_clock_lags_its_steps() -> None:
@@ -130,9 +130,9 @@ def test_live_decisions_equal_the_offline_twin_on_the_same_arrivals() -> None:
         return out
 
     assert asyncio.run(main()) == [j[2] for j in jobs]
-    t = eng.core.table
-    offline = run_engine(np.asarray(t.arr), np.asarray(t.adp), np.asarray(t.plen),
-                         np.asarray(t.olen), list(ranks.values()), CFG, prof, 1e9)
-    np.testing.assert_array_equal(offline.first_token_s, np.asarray(t.first_t))
-    np.testing.assert_array_equal(offline.finish_s, np.asarray(t.fin_t))
+    t = eng.core.requests()
+    offline = run_engine(t["arrival_s"], t["adapter"], t["prompt_len"], t["output_len"],
+                         list(ranks.values()), CFG, prof, 1e9)
+    np.testing.assert_array_equal(offline.first_token_s, t["first_token_s"])
+    np.testing.assert_array_equal(offline.finish_s, t["finish_s"])
     assert offline.preemptions.sum() == eng.preemptions > 0

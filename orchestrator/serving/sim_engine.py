@@ -122,7 +122,7 @@ class SimEngine:
 
     @property
     def preemptions(self) -> int:
-        return self.core.scheduler.preempted_total
+        return self.core.preemptions
 
     def queue_depth(self) -> tuple[int, int]:
         assert self._core is not None

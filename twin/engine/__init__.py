@@ -2,14 +2,17 @@
 
 Its pieces follow vLLM's own (see docs/vllm_v1_semantics.md for the source references):
 
-* ``table``: the request table (one column per attribute, a request's id is its row);
+* ``state``: every piece's data as flat arrays (the request table, per-adapter columns, linked
+  lists, heaps: ``heaps``), so the hot path runs compiled (numba);
 * ``scheduler``: ``Scheduler.schedule()`` — running first within the token budget, then waiting
   FCFS, the ``max_loras`` admission rule, preemption;
 * ``kv_blocks``: the paged KV pool (``KVCacheManager``), preallocation included;
 * ``waiting`` and ``running``: the two queues, with aggregates so a step costs O(changes);
-* ``lora_set``: the step's adapter set and the worker's GPU-slot / CPU-cache LRUs
-  (``twin.adapters``);
-* ``core``: ``EngineCore`` — submit, step, advance; the step time from ``twin.latency``;
+* ``lora_set``: the step's adapter set and the worker's GPU-slot / CPU-cache LRU walk;
+* ``loop``: one step — arrivals, ``schedule()``, the step time (``twin.latency.step_ms``), the
+  update — and ``advance``;
+* ``core``: ``EngineCore`` — submit, step, advance, abort, results (Python; the loop is
+  compiled);
 * ``run``: ``run_engine``, a whole workload in simulated time (the offline twin); the live
   ``sim`` serving backend drives ``EngineCore`` in real time.
 

@@ -4,48 +4,53 @@ Blocks hold ``block_size`` tokens, one is reserved as vLLM's null block, and a r
 blocks on demand plus the version's preallocation (``kv_preallocate_blocks``; not capped at
 max_model_len, which over-counts at most that many blocks for a request ending within them of
 it). A decoding request needs ``1 + preallocation`` new blocks every ``block_size * (1 +
-preallocation)`` decode steps; decoders are bucketed by that phase (``due``), so the number that
-need a block in a step is one set's size, not a walk over the batch.
+preallocation)`` decode steps; decoders are threaded into one list per phase of that period
+(``due_*``), so the number that need a block in a step is one list's length, not a walk over
+the batch. The pool's sizes live in the state's scalars (``FREE``, ``TOTAL``, ``BS``, ``PRE``,
+``GRAB``, ``PERIOD``, ``MAXBLK``, ``WHOLE``).
 """
 
 from __future__ import annotations
 
-from twin.engine.table import RequestTable
+from numba import njit
+
+from twin.engine.state import GRAB, NONE, PERIOD
 
 
-class KVBlocks:
-    """The free-block count and the decoders' allocation phases."""
+@njit(cache=True)
+def decoder_blocks(s, rid: int, clock: int) -> int:  # noqa: ANN001
+    """Blocks a decoder holds at decode clock ``clock``."""
+    t0 = s.trig0[rid]
+    if clock <= t0:
+        return s.held[rid]
+    grab = s.I[GRAB]
+    return s.held[rid] + grab * ((clock - t0 - 1) // s.I[PERIOD] + 1)
 
-    __slots__ = ("block_size", "pre", "grab", "period", "total", "free", "max_blocks_req",
-                 "whole_prompt", "due", "held", "trig0")
 
-    def __init__(self, kv_tokens: int, block_size: int, preallocate: int, max_len: int,
-                 whole_prompt: bool, table: RequestTable) -> None:
-        self.block_size = block_size
-        self.pre = preallocate
-        self.grab = 1 + preallocate  # blocks a decode takes at a block boundary (if free)
-        self.period = block_size * self.grab  # decode steps between two allocations
-        self.total = kv_tokens // block_size - 1  # vLLM reserves one null block
-        self.free = self.total
-        self.max_blocks_req = -(-max_len // block_size)
-        self.whole_prompt = whole_prompt  # admit only if the whole prompt fits (older vLLM)
-        self.due: list[set[int]] = [set() for _ in range(self.period)]  # phase -> decoders
-        self.held = table.held
-        self.trig0 = table.trig0
+@njit(cache=True)
+def due_add(s, rid: int, phase: int) -> None:  # noqa: ANN001
+    """``rid`` needs blocks at the decode clocks of ``phase`` (mod the period)."""
+    head = s.due_head[phase]
+    s.due_next[rid] = head
+    s.due_prev[rid] = NONE
+    if head != NONE:
+        s.due_prev[head] = rid
+    s.due_head[phase] = rid
+    s.due_ph[rid] = phase
+    s.due_cnt[phase] += 1
 
-    def usage(self) -> float:
-        return 1.0 - self.free / self.total
 
-    def decoder_blocks(self, rid: int, clock: int) -> int:
-        """Blocks a decoder holds at decode clock ``clock``."""
-        t0 = self.trig0[rid]
-        if clock <= t0:
-            return self.held[rid]
-        return self.held[rid] + self.grab * ((clock - t0 - 1) // self.period + 1)
-
-    def blocks_to_admit(self, need_total: int, chunk: int) -> tuple[int, int]:
-        """(blocks that must be free to admit a request of ``need_total`` tokens whose first
-        chunk is ``chunk``, blocks that chunk needs)."""
-        bs = self.block_size
-        need = -(-chunk // bs)
-        return (-(-need_total // bs) if self.whole_prompt else need), need
+@njit(cache=True)
+def due_remove(s, rid: int) -> None:  # noqa: ANN001
+    phase = s.due_ph[rid]
+    if phase == NONE:
+        return
+    p, n = s.due_prev[rid], s.due_next[rid]
+    if p == NONE:
+        s.due_head[phase] = n
+    else:
+        s.due_next[p] = n
+    if n != NONE:
+        s.due_prev[n] = p
+    s.due_ph[rid] = NONE
+    s.due_cnt[phase] -= 1

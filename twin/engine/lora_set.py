@@ -1,57 +1,151 @@
 """The step's adapter set (vLLM's ``max_loras`` admission rule reads it) and the worker's
-adapter caches (GPU slots, CPU cache: ``twin.adapters.AdapterCaches``, vLLM's LRU walk)."""
+adapter caches: GPU slots and the CPU cache, walked as vLLM's worker walks them.
+
+vLLM (``LRUCacheWorkerLoRAManager._apply_adapters``, 0.8.x) walks the step's adapter *set* in
+its iteration order (hash order) and, for each adapter, loads it into the CPU cache if absent
+(evicting that cache's least recently used entry, which also frees its GPU slot) and activates
+it into a GPU slot if absent (evicting the least recently used slot); every adapter it passes is
+touched. Adapters of the current batch are not protected: when the previous batch filled every
+slot, the eviction for a newcomer can hit an adapter of this batch that the walk has not reached
+yet, which is then reloaded further down the walk — a cascade of reloads. The walk runs only in
+steps where an adapter that joined the set is missing, so steps without loads cost nothing.
+
+LRU order is derived, not stored: an adapter's position is (last step it was in a batch, its
+hash rank), because every adapter of a batch is touched, in hash order, in every step.
+"""
 
 from __future__ import annotations
 
-from twin.adapters import AdapterCaches
+import numpy as np
+from numba import njit
+
+from twin.adapters import hash_rank
+from twin.engine.state import (
+    CPU_N,
+    CPU_SLOTS,
+    DISK_LOADS,
+    GPU_LOADS,
+    GPU_N,
+    GPU_SLOTS,
+    NA,
+    NACT,
+    NJOINED,
+)
+
+_hash_rank = njit(cache=True)(hash_rank)
 
 
-class LoraSet:
-    """Running requests per adapter; an adapter is in the set while it has one."""
+@njit(cache=True)
+def holds(s, a: int) -> bool:  # noqa: ANN001
+    """Whether ``a``'s requests pass the LoRA rule now (the base model always does)."""
+    return a < 0 or s.count[a] > 0
 
-    __slots__ = ("count", "n", "active", "joined", "caches")
 
-    def __init__(self, caches: AdapterCaches) -> None:
-        self.count: dict[int, int] = {}  # adapter -> running requests
-        self.n = 0  # adapters in the set
-        self.active: set[int] = set()
-        self.joined: list[int] = []  # adapters that entered the set this step
-        self.caches = caches
+@njit(cache=True)
+def enter(s, a: int) -> None:  # noqa: ANN001
+    """A request of adapter ``a`` starts running."""
+    if a < 0:
+        return
+    c = s.count[a]
+    s.count[a] = c + 1
+    if c == 0:
+        s.I[NACT] += 1
+        s.active[a] = 1
+        s.joined[s.I[NJOINED]] = a
+        s.I[NJOINED] += 1
 
-    def holds(self, adapter: int) -> bool:
-        """Whether ``adapter``'s requests pass the LoRA rule now (the base model always does)."""
-        return adapter < 0 or self.count.get(adapter, 0) > 0
 
-    def enter(self, adapter: int) -> bool:
-        """A request of ``adapter`` starts running; True when the adapter joined the set."""
-        if adapter < 0:
-            return False
-        c = self.count.get(adapter, 0)
-        self.count[adapter] = c + 1
-        if c:
-            return False
-        self.n += 1
-        self.active.add(adapter)
-        self.joined.append(adapter)
-        return True
+@njit(cache=True)
+def leave(s, a: int, step: int) -> None:  # noqa: ANN001
+    """A request of adapter ``a`` stopped running in ``step`` (finished or preempted)."""
+    if a < 0:
+        return
+    c = s.count[a] - 1
+    s.count[a] = c
+    if c == 0:
+        s.I[NACT] -= 1
+        s.active[a] = 0
+        s.last_step[a] = step - 1
 
-    def leave(self, adapter: int, step: int) -> None:
-        """A request of ``adapter`` stopped running in ``step`` (finished or preempted)."""
-        if adapter < 0:
-            return
-        c = self.count[adapter] - 1
-        self.count[adapter] = c
-        if c == 0:
-            self.n -= 1
-            self.active.discard(adapter)
-            self.caches.left_batch(adapter, step - 1)
 
-    def settle_loads(self, step: int) -> tuple[float, int]:
-        """Load what the adapters that joined this step lack; returns (load ms, loads)."""
-        load_ms, loads = 0.0, 0
-        if self.joined:
-            caches = self.caches
-            if any(caches.missing(a) for a in self.joined):
-                load_ms, loads = caches.apply(self.active, self.joined, step)
-            self.joined.clear()
-        return load_ms, loads
+@njit(cache=True)
+def settle_loads(s, step: int) -> tuple[float, int]:  # noqa: ANN001
+    """Load what the adapters that joined this step lack; returns (load ms, loads)."""
+    n = s.I[NJOINED]
+    if n == 0:
+        return 0.0, 0
+    s.I[NJOINED] = 0
+    for k in range(n):
+        a = s.joined[k]
+        if s.in_gpu[a] == 0 or s.in_cpu[a] == 0:
+            return _walk(s, step, n)
+    return 0.0, 0
+
+
+@njit(cache=True)
+def _lru_order(s, members, step: int, new) -> np.ndarray:  # noqa: ANN001
+    """``members`` (adapter ids) least recently used first."""
+    keys = np.empty(len(members), dtype=np.int64)
+    for k in range(len(members)):
+        a = members[k]
+        seen = step - 1 if (s.active[a] == 1 and new[a] == 0) else s.last_step[a]
+        keys[k] = seen * 4294967296 + _hash_rank(a)
+    return members[np.argsort(keys)]
+
+
+@njit(cache=True)
+def _walk(s, step: int, n_joined: int) -> tuple[float, int]:  # noqa: ANN001
+    ints = s.I
+    na = ints[NA]
+    new = np.zeros(na, dtype=np.int64)
+    for k in range(n_joined):
+        new[s.joined[k]] = 1
+    batch = np.flatnonzero(s.active[:na])
+    ranks = np.empty(len(batch), dtype=np.int64)
+    for k in range(len(batch)):
+        ranks[k] = _hash_rank(batch[k])
+    batch = batch[np.argsort(ranks)]
+    touched_gpu = np.zeros(na, dtype=np.int64)
+    touched_cpu = np.zeros(na, dtype=np.int64)
+    gpu_order = np.empty(0, dtype=np.int64)  # LRU orders, built only if an eviction needs one
+    cpu_order = np.empty(0, dtype=np.int64)
+    gi = ci = 0
+    cost = 0.0
+    loads = 0
+    for a in batch:
+        if s.in_cpu[a]:
+            touched_cpu[a] = 1
+        else:
+            if ints[CPU_N] >= ints[CPU_SLOTS]:
+                if len(cpu_order) == 0:
+                    cpu_order = _lru_order(s, np.flatnonzero(s.in_cpu[:na]), step, new)
+                while touched_cpu[cpu_order[ci]] or not s.in_cpu[cpu_order[ci]]:
+                    ci += 1
+                victim = cpu_order[ci]
+                s.in_cpu[victim] = 0
+                ints[CPU_N] -= 1
+                if s.in_gpu[victim]:  # dropping a registered adapter frees its slot
+                    s.in_gpu[victim] = 0
+                    ints[GPU_N] -= 1
+            s.in_cpu[a] = 1
+            ints[CPU_N] += 1
+            touched_cpu[a] = 1
+            cost += s.disk_ms[a]
+            ints[DISK_LOADS] += 1
+        if s.in_gpu[a]:
+            touched_gpu[a] = 1
+        else:
+            if ints[GPU_N] >= ints[GPU_SLOTS]:
+                if len(gpu_order) == 0:
+                    gpu_order = _lru_order(s, np.flatnonzero(s.in_gpu[:na]), step, new)
+                while touched_gpu[gpu_order[gi]] or not s.in_gpu[gpu_order[gi]]:
+                    gi += 1
+                s.in_gpu[gpu_order[gi]] = 0
+                ints[GPU_N] -= 1
+            s.in_gpu[a] = 1
+            ints[GPU_N] += 1
+            touched_gpu[a] = 1
+            cost += s.gpu_ms[a]
+            ints[GPU_LOADS] += 1
+            loads += 1
+    return cost, loads

@@ -39,36 +39,6 @@ class StepTrace:
         return {k: np.asarray(v) for k, v in self.__dict__.items()}
 
 
-class Timeseries:
-    """Running, waiting, KV usage and preemptions sampled at the first step of each interval."""
-
-    __slots__ = ("interval", "next_t", "t", "running", "waiting", "kv", "preemptions")
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval = interval_s
-        self.next_t = 0.0
-        self.t: list[float] = []
-        self.running: list[int] = []
-        self.waiting: list[int] = []
-        self.kv: list[float] = []
-        self.preemptions: list[int] = []
-
-    def sample(self, now: float, running: int, waiting: int, kv_usage: float,
-               preemptions: int) -> None:
-        if now >= self.next_t:
-            self.t.append(now)
-            self.running.append(running)
-            self.waiting.append(waiting)
-            self.kv.append(kv_usage)
-            self.preemptions.append(preemptions)
-            self.next_t += self.interval
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"t_s": np.asarray(self.t), "running": np.asarray(self.running),
-                "waiting": np.asarray(self.waiting), "kv_usage": np.asarray(self.kv),
-                "preemptions": np.asarray(self.preemptions)}
-
-
 @dataclass
 class EngineResult:
     """Raw outcome of one engine run; ``twin.metrics`` turns it into the benchmark's figures."""
@@ -79,8 +49,8 @@ class EngineResult:
     preemptions: np.ndarray  # per request
     rejected: np.ndarray  # bool: longer than max_model_len
     dropped: np.ndarray  # bool: failed at the client (client_max_inflight reached)
-    itl_gap_ms: np.ndarray  # distinct decode-step durations ...
-    itl_weight: np.ndarray  # ... and how many decode tokens each produced
+    itl_gap_ms: np.ndarray  # decode-step durations (consecutive equal ones merged) ...
+    itl_weight: np.ndarray  # ... and how many decode tokens they produced
     preempt_gap_ms: np.ndarray  # extra inter-token gaps of requests resumed after preemption
     engine_steps: int
     simulated_s: float

@@ -39,7 +39,8 @@ def run_engine(
     wall0 = time.perf_counter()
     core = EngineCore(config, profile, adapter_ranks, preload_cpu=preload_cpu,
                       client_max_inflight=client_max_inflight, record_trace=record_trace,
-                      timeseries_interval_s=timeseries_interval_s)
+                      timeseries_interval_s=timeseries_interval_s,
+                      capacity=max(len(arrival_s), 1))
     core.submit_all(arrival_s, adapter, prompt_len, output_len)
     core.advance(duration_s)
     return core.result(duration_s, time.perf_counter() - wall0)

@@ -1,82 +1,125 @@
 """The running requests: running order, the prefill-phase subset and the decoders' aggregates.
 
-Decoders advance together on one decode clock ``dc`` (one token per step each), so none is
+Decoders advance together on one decode clock ``DC`` (one token per step each), so none is
 touched per step: a decoder stores the clock at which it entered decode; its token count, its
-blocks and its finishing clock follow from it (finishes are bucketed by clock). The step's
-context is ``s_nb + ndec * (dc + 1)``.
+blocks and its finishing clock follow from it (finishing clocks are a heap). The step's context
+is ``S_NB + NDEC * (DC + 1)``. The running order and the prefilling subset are linked lists
+through the request table (admitted at the tail, preempted from the tail, finished anywhere).
 """
 
 from __future__ import annotations
 
-from twin.engine.kv_blocks import KVBlocks
-from twin.engine.table import RequestTable
+from numba import njit
+
+from twin.engine.heaps import heap_push
+from twin.engine.kv_blocks import decoder_blocks, due_add, due_remove
+from twin.engine.state import (
+    BS,
+    DC,
+    FIN_N,
+    NDEC,
+    NONE,
+    PERIOD,
+    PF_HEAD,
+    PF_TAIL,
+    POS_CTR,
+    RUN_HEAD,
+    RUN_LEN,
+    RUN_TAIL,
+    S_NB,
+)
 
 
-class RunningSet:
-    """vLLM's ``running`` list, with O(1) aggregates for the decoders."""
+@njit(cache=True)
+def _append(prev, nxt, ints, head: int, tail: int, rid: int) -> None:  # noqa: ANN001
+    last = ints[tail]
+    prev[rid] = last
+    nxt[rid] = NONE
+    if last == NONE:
+        ints[head] = rid
+    else:
+        nxt[last] = rid
+    ints[tail] = rid
 
-    __slots__ = ("t", "kv", "order", "prefilling", "ndec", "s_nb", "fin_at", "dc", "pos_ctr")
 
-    def __init__(self, table: RequestTable, kv: KVBlocks) -> None:
-        self.t = table
-        self.kv = kv
-        self.order: dict[int, None] = {}  # running requests, oldest first
-        self.prefilling: list[int] = []  # running requests still in prefill, in order
-        self.ndec = 0
-        self.s_nb = 0  # sum over decoders of (computed tokens - decode clock)
-        self.fin_at: dict[int, list[tuple[int, int]]] = {}  # clock -> [(rid, epoch)] finishing
-        self.dc = 0  # decode clock: decode steps taken
-        self.pos_ctr = 0
+@njit(cache=True)
+def _unlink(prev, nxt, ints, head: int, tail: int, rid: int) -> None:  # noqa: ANN001
+    p, n = prev[rid], nxt[rid]
+    if p == NONE:
+        ints[head] = n
+    else:
+        nxt[p] = n
+    if n == NONE:
+        ints[tail] = p
+    else:
+        prev[n] = p
 
-    def __len__(self) -> int:
-        return len(self.order)
 
-    def admit(self, rid: int) -> None:
-        """A waiting request starts running (at the tail, in prefill)."""
-        self.pos_ctr += 1
-        self.t.pos[rid] = self.pos_ctr
-        self.order[rid] = None
-        self.prefilling.append(rid)
+@njit(cache=True)
+def admit(s, rid: int) -> None:  # noqa: ANN001
+    """A waiting request starts running (at the tail, in prefill)."""
+    s.I[POS_CTR] += 1
+    s.pos[rid] = s.I[POS_CTR]
+    _append(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
+    s.I[RUN_LEN] += 1
+    _append(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
 
-    def add_decoder(self, rid: int, h: int) -> None:
-        """Register a request that will decode from clock ``dc`` on, holding ``h`` blocks."""
-        t, kv, dc = self.t, self.kv, self.dc
-        t.is_dec[rid] = 1
-        self.ndec += 1
-        nc = t.plen[rid] + t.gen[rid] - 1
-        self.s_nb += nc - dc
-        t.dc_in[rid] = dc
-        t.held[rid] = h
-        t0 = dc + h * kv.block_size - nc
-        t.trig0[rid] = t0
-        kv.due[t0 % kv.period].add(rid)
-        key = dc + t.olen[rid] - t.gen[rid]
-        lst = self.fin_at.get(key)
-        if lst is None:
-            self.fin_at[key] = [(rid, t.epoch[rid])]
-        else:
-            lst.append((rid, t.epoch[rid]))
 
-    def remove_decoder(self, rid: int) -> int:
-        """Detach a decoder from the aggregates (its tokens so far become ``gen``); returns
-        its KV blocks."""
-        t, kv, dc = self.t, self.kv, self.dc
-        t.is_dec[rid] = 0
-        self.ndec -= 1
-        self.s_nb -= t.plen[rid] + t.gen[rid] - 1 - t.dc_in[rid]
-        kv.due[t.trig0[rid] % kv.period].discard(rid)
-        t.gen[rid] += dc - t.dc_in[rid]
-        return kv.decoder_blocks(rid, dc)
+@njit(cache=True)
+def leave_prefill(s, rid: int) -> None:  # noqa: ANN001
+    _unlink(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
 
-    def release(self, rid: int) -> int:
-        """Take ``rid`` out of the running set; returns the KV blocks it held."""
-        del self.order[rid]
-        if self.t.is_dec[rid]:
-            return self.remove_decoder(rid)
-        self.prefilling.remove(rid)
-        return self.t.held[rid]
 
-    def generated(self, rid: int) -> int:
-        """Output tokens of ``rid`` so far."""
-        t = self.t
-        return t.gen[rid] + (self.dc - t.dc_in[rid] if t.is_dec[rid] else 0)
+@njit(cache=True)
+def leave_running(s, rid: int) -> None:  # noqa: ANN001
+    _unlink(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
+    s.I[RUN_LEN] -= 1
+
+
+@njit(cache=True)
+def add_decoder(s, rid: int, h: int) -> None:  # noqa: ANN001
+    """Register a request that will decode from clock ``DC`` on, holding ``h`` blocks."""
+    ints = s.I
+    dc = ints[DC]
+    s.is_dec[rid] = 1
+    ints[NDEC] += 1
+    nc = s.plen[rid] + s.gen[rid] - 1
+    ints[S_NB] += nc - dc
+    s.dc_in[rid] = dc
+    s.held[rid] = h
+    t0 = dc + h * ints[BS] - nc
+    s.trig0[rid] = t0
+    due_add(s, rid, t0 % ints[PERIOD])
+    ints[FIN_N] = heap_push(s.fin, ints[FIN_N], dc + s.olen[rid] - s.gen[rid], rid, s.epoch[rid])
+
+
+@njit(cache=True)
+def remove_decoder(s, rid: int) -> int:  # noqa: ANN001
+    """Detach a decoder from the aggregates (its tokens so far become ``gen``); returns its
+    KV blocks."""
+    ints = s.I
+    dc = ints[DC]
+    s.is_dec[rid] = 0
+    ints[NDEC] -= 1
+    ints[S_NB] -= s.plen[rid] + s.gen[rid] - 1 - s.dc_in[rid]
+    due_remove(s, rid)
+    s.gen[rid] += dc - s.dc_in[rid]
+    return decoder_blocks(s, rid, dc)
+
+
+@njit(cache=True)
+def release(s, rid: int) -> int:  # noqa: ANN001
+    """Take ``rid`` out of the running set; returns the KV blocks it held."""
+    leave_running(s, rid)
+    if s.is_dec[rid]:
+        return remove_decoder(s, rid)
+    leave_prefill(s, rid)
+    return s.held[rid]
+
+
+@njit(cache=True)
+def generated(s, rid: int) -> int:  # noqa: ANN001
+    """Output tokens of ``rid`` so far."""
+    if s.is_dec[rid]:
+        return s.gen[rid] + s.I[DC] - s.dc_in[rid]
+    return s.gen[rid]

@@ -6,191 +6,207 @@ the newest running request is preempted (recompute: its KV is freed and it goes 
 front of the queue). Then waiting requests, FCFS, up to ``max_num_seqs`` running, none in a step
 that preempted; once the step's adapter set holds ``max_loras`` adapters, a waiting request of
 another adapter is skipped (the scan goes on, order is preserved).
+
+The step's prefill work is written to ``sched`` (rows of request id, tokens); decoders are
+implicit (every running request past its prefill).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numpy as np
+from numba import njit
 
-from twin.engine.kv_blocks import KVBlocks
-from twin.engine.lora_set import LoraSet
-from twin.engine.running import RunningSet
-from twin.engine.table import RUNNING, RequestTable
-from twin.engine.waiting import WaitingQueue
+from twin.engine import waiting
+from twin.engine.kv_blocks import decoder_blocks
+from twin.engine.lora_set import enter, leave
+from twin.engine.running import add_decoder, admit, release, remove_decoder
+from twin.engine.state import (
+    BS,
+    BUDGET_MAX,
+    DC,
+    FREE,
+    GRAB,
+    LORA_ON,
+    MAX_LORAS,
+    MAX_SEQS,
+    MAXBLK,
+    N_PREW,
+    NACT,
+    NDEC,
+    NONE,
+    PERIOD,
+    PF_HEAD,
+    PRE,
+    PREEMPTED,
+    RUN_LEN,
+    RUN_TAIL,
+    RUNNING,
+    WHOLE,
+)
 
 
-@dataclass(frozen=True)
-class SchedulerLimits:
-    """The engine arguments the scheduler obeys."""
+@njit(cache=True)
+def preempt_tail(s, now: float, step: int) -> int:  # noqa: ANN001
+    """Preempt the newest running request (vLLM's FCFS policy); returns its id."""
+    rid = s.I[RUN_TAIL]
+    s.I[FREE] += release(s, rid)
+    s.held[rid] = 0
+    s.ncomp[rid] = 0
+    s.epoch[rid] += 1
+    s.npre[rid] += 1
+    s.I[PREEMPTED] += 1
+    if s.gen[rid] > 0:
+        s.resume_t[rid] = now
+    leave(s, s.adp[rid], step)
+    waiting.put_back(s, rid)
+    return rid
 
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_loras: int  # 0 when LoRA is off
-    lora_on: bool
 
-
-class Scheduler:
-    """Decides each step's batch; mutates the running set, the queue and the KV pool."""
-
-    __slots__ = ("t", "kv", "run", "lora", "queue", "limits", "preempted_total")
-
-    def __init__(self, table: RequestTable, kv: KVBlocks, running: RunningSet, lora: LoraSet,
-                 queue: WaitingQueue, limits: SchedulerLimits) -> None:
-        self.t = table
-        self.kv = kv
-        self.run = running
-        self.lora = lora
-        self.queue = queue
-        self.limits = limits
-        self.preempted_total = 0
-
-    def preempt_tail(self, now: float, step: int) -> int:
-        """Preempt the newest running request (vLLM's FCFS policy); returns its id."""
-        t, run = self.t, self.run
-        rid = next(reversed(run.order))
-        self.kv.free += run.release(rid)
-        t.held[rid] = 0
-        t.ncomp[rid] = 0
-        t.epoch[rid] += 1
-        t.npre[rid] += 1
-        self.preempted_total += 1
-        if t.gen[rid] > 0:
-            t.resume_t[rid] = now
-        self.lora.leave(t.adp[rid], step)
-        self.queue.put_back(rid)
-        return rid
-
-    def decode_blocks(self, now: float, step: int) -> bool:
-        """Give the decoders at a block boundary their new blocks, preempting when the pool runs
-        dry; returns whether anything was preempted."""
-        kv, run, t = self.kv, self.run, self.t
-        grab = kv.grab
-        members = kv.due[run.dc % kv.period]
-        ntr = len(members)
-        if not ntr:
-            return False
-        if kv.free >= ntr * grab:
-            kv.free -= ntr * grab
-            return False
-        preempted = False
-        if grab == 1:
-            # one block each: vLLM walks running in order and preempts from the tail whenever
-            # it runs dry; the victims are the shortest tail that frees enough blocks for the
-            # members that remain, so take them from the tail directly
-            need = ntr
-            while kv.free < need:
-                if next(reversed(run.order)) in members:
-                    need -= 1
-                self.preempt_tail(now, step)
-                preempted = True
-            kv.free -= need
-            return preempted
-        # with preallocation a member may get fewer blocks than it asks: walk in order
-        for rid in sorted(members, key=t.pos.__getitem__):
-            if t.state[rid] != RUNNING or not t.is_dec[rid]:
-                continue
-            while kv.free < 1 and t.state[rid] == RUNNING:
-                self.preempt_tail(now, step)
-                preempted = True
-            if t.state[rid] != RUNNING:
-                break
-            got = min(grab, kv.free, kv.max_blocks_req - kv.decoder_blocks(rid, run.dc))
-            kv.free -= got
-            if got < grab:
-                # re-register with the blocks it really holds (clock arithmetic changes);
-                # add_decoder puts it at the same clock: it already holds this step's block
-                blocks = run.remove_decoder(rid) + got
-                t.epoch[rid] += 1
-                run.add_decoder(rid, blocks)
+@njit(cache=True)
+def decode_blocks(s, now: float, step: int) -> bool:  # noqa: ANN001
+    """Give the decoders at a block boundary their new blocks, preempting when the pool runs
+    dry; returns whether anything was preempted."""
+    ints = s.I
+    grab = ints[GRAB]
+    slot = ints[DC] % ints[PERIOD]
+    ntr = s.due_cnt[slot]
+    if ntr == 0:
+        return False
+    if ints[FREE] >= ntr * grab:
+        ints[FREE] -= ntr * grab
+        return False
+    preempted = False
+    if grab == 1:
+        # one block each: vLLM walks running in order and preempts from the tail whenever it
+        # runs dry; the victims are the shortest tail that frees enough blocks for the members
+        # that remain, so take them from the tail directly
+        need = ntr
+        while ints[FREE] < need:
+            if s.due_ph[ints[RUN_TAIL]] == slot:
+                need -= 1
+            preempt_tail(s, now, step)
+            preempted = True
+        ints[FREE] -= need
         return preempted
+    # with preallocation a member may get fewer blocks than it asks: walk in running order
+    members = np.empty(ntr, dtype=np.int64)
+    rid = s.due_head[slot]
+    for k in range(ntr):
+        members[k] = rid
+        rid = s.due_next[rid]
+    members = members[np.argsort(s.pos[members])]
+    for rid in members:
+        if s.state[rid] != RUNNING or not s.is_dec[rid]:
+            continue
+        while ints[FREE] < 1 and s.state[rid] == RUNNING:
+            preempt_tail(s, now, step)
+            preempted = True
+        if s.state[rid] != RUNNING:
+            break
+        got = min(grab, ints[FREE], ints[MAXBLK] - decoder_blocks(s, rid, ints[DC]))
+        ints[FREE] -= got
+        if got < grab:
+            # re-register with the blocks it really holds (clock arithmetic changes);
+            # add_decoder puts it at the same clock: it already holds this step's block
+            blocks = remove_decoder(s, rid) + got
+            s.epoch[rid] += 1
+            add_decoder(s, rid, blocks)
+    return preempted
 
-    def prefill_chunks(self, budget: int, sched: list[tuple[int, int]], now: float,
-                       step: int) -> tuple[int, bool]:
-        """Next chunks of running prefills within ``budget``; returns (budget left,
-        preempted)."""
-        t, kv, run = self.t, self.kv, self.run
-        bs, pre = kv.block_size, kv.pre
-        preempted = False
-        for rid in list(run.prefilling):
-            if budget <= 0 or t.state[rid] != RUNNING:
-                break
-            chunk = min(t.plen[rid] + t.gen[rid] - t.ncomp[rid], budget)
-            need = -(-(t.ncomp[rid] + chunk) // bs) - t.held[rid]
-            while need > 0 and kv.free < need and t.state[rid] == RUNNING:
-                self.preempt_tail(now, step)
-                preempted = True
-            if t.state[rid] != RUNNING:
-                break
-            if need > 0:
-                got = min(need + pre, kv.free, kv.max_blocks_req - t.held[rid])
-                t.held[rid] += got
-                kv.free -= got
-            sched.append((rid, chunk))
-            budget -= chunk
-        return budget, preempted
 
-    def admit_waiting(self, budget: int, nwait: int, sched: list[tuple[int, int]],
-                      now: float) -> tuple[int, int]:
-        """Admit waiting requests within ``budget``; returns (admitted, waiting requests
-        vLLM's loop examined). The loop walks the queue in order, skipping other adapters'
-        requests while the set is full, until the budget or max_num_seqs runs out (examined:
-        up to the last admitted request), an allocation fails (up to that request) or the
-        queue ends (all of it)."""
-        t, kv, run, lora, queue, lim = self.t, self.kv, self.run, self.lora, self.queue, \
-            self.limits
-        arr, plen, gen = t.arr, t.plen, t.gen
-        bs, pre = kv.block_size, kv.pre
-        nwait0, npre0 = nwait, queue.n_pre_waiting
-        scanned = nwait0
-        stop_rid = -1
-        admitted = 0
-        max_seqs, max_loras, lora_on = lim.max_num_seqs, lim.max_loras, lim.lora_on
-        while True:
-            if budget <= 0 or len(run.order) >= max_seqs:
-                scanned = -1  # stopped after the last admitted request
-                break
-            if not nwait:
-                break
-            rid = queue.first_in_set() if lora_on and lora.n >= max_loras else queue.first()
-            if rid < 0 or arr[rid] > now:
-                break
-            need_total = plen[rid] + gen[rid]
-            chunk = min(need_total, budget)
-            must_fit = -(-need_total // bs) if kv.whole_prompt else -(-chunk // bs)
-            if kv.free < must_fit:
-                stop_rid = rid
-                scanned = -1
-                break
-            got = min(-(-chunk // bs) + pre, kv.free, kv.max_blocks_req)
-            kv.free -= got
-            t.held[rid] = got
-            t.ncomp[rid] = 0
-            queue.take(rid)
-            nwait -= 1
-            a = t.adp[rid]
-            lora.enter(a)
-            queue.push_head(a)
-            run.admit(rid)
-            sched.append((rid, chunk))
-            budget -= chunk
-            admitted += 1
+@njit(cache=True)
+def prefill_chunks(s, budget: int, sched, n: int, now: float, step: int):  # noqa: ANN001, ANN201
+    """Next chunks of running prefills within ``budget``; returns (budget left, rows of
+    ``sched``, preempted)."""
+    ints = s.I
+    bs, pre = ints[BS], ints[PRE]
+    preempted = False
+    rid = ints[PF_HEAD]
+    while rid != NONE:
+        if budget <= 0 or s.state[rid] != RUNNING:
+            break
+        chunk = min(s.plen[rid] + s.gen[rid] - s.ncomp[rid], budget)
+        need = -(-(s.ncomp[rid] + chunk) // bs) - s.held[rid]
+        while need > 0 and ints[FREE] < need and s.state[rid] == RUNNING:
+            preempt_tail(s, now, step)
+            preempted = True
+        if s.state[rid] != RUNNING:
+            break
+        if need > 0:
+            got = min(need + pre, ints[FREE], ints[MAXBLK] - s.held[rid])
+            s.held[rid] += got
+            ints[FREE] -= got
+        sched[n, 0] = rid
+        sched[n, 1] = chunk
+        n += 1
+        budget -= chunk
+        rid = s.pf_next[rid]  # (a preempted tail is unlinked: the snapshot would stop there)
+    return budget, n, preempted
+
+
+@njit(cache=True)
+def admit_waiting(s, budget: int, nwait: int, sched, n: int, now: float):  # noqa: ANN001, ANN201
+    """Admit waiting requests within ``budget``; returns (admitted, waiting requests vLLM's
+    loop examined, rows of ``sched``). The loop walks the queue in order, skipping other
+    adapters' requests while the set is full, until the budget or max_num_seqs runs out
+    (examined: up to the last admitted request), an allocation fails (up to that request) or
+    the queue ends (all of it)."""
+    ints = s.I
+    bs, pre = ints[BS], ints[PRE]
+    nwait0, npre0 = nwait, ints[N_PREW]
+    scanned = nwait0
+    stop_rid = -1
+    admitted = 0
+    max_seqs, max_loras, lora_on = ints[MAX_SEQS], ints[MAX_LORAS], ints[LORA_ON]
+    while True:
+        if budget <= 0 or ints[RUN_LEN] >= max_seqs:
+            scanned = -1  # stopped after the last admitted request
+            break
+        if not nwait:
+            break
+        rid = waiting.first_in_set(s) if lora_on and ints[NACT] >= max_loras else waiting.first(s)
+        if rid < 0 or s.arr[rid] > now:
+            break
+        need_total = s.plen[rid] + s.gen[rid]
+        chunk = min(need_total, budget)
+        must_fit = -(-need_total // bs) if ints[WHOLE] else -(-chunk // bs)
+        if ints[FREE] < must_fit:
             stop_rid = rid
-        if scanned < 0:
-            scanned = queue.position(stop_rid, nwait0, npre0, admitted)
-        return admitted, scanned
+            scanned = -1
+            break
+        got = min(-(-chunk // bs) + pre, ints[FREE], ints[MAXBLK])
+        ints[FREE] -= got
+        s.held[rid] = got
+        s.ncomp[rid] = 0
+        waiting.take(s, rid)
+        nwait -= 1
+        a = s.adp[rid]
+        enter(s, a)
+        waiting.push_head(s, a)
+        admit(s, rid)
+        sched[n, 0] = rid
+        sched[n, 1] = chunk
+        n += 1
+        budget -= chunk
+        admitted += 1
+        stop_rid = rid
+    if scanned < 0:
+        scanned = waiting.position(s, stop_rid, nwait0, npre0, admitted)
+    return admitted, scanned, n
 
-    def schedule(self, now: float, nwait: int, step: int) -> tuple[list[tuple[int, int]], int,
-                                                                   int]:
-        """The step's batch: ``[(rid, prefill tokens)]`` (decoders are implicit), the requests
-        admitted from the queue, and the waiting requests examined."""
-        preempted = self.decode_blocks(now, step)
-        budget = self.limits.max_num_batched_tokens - self.run.ndec
-        sched: list[tuple[int, int]] = []
-        if self.run.prefilling and budget > 0:
-            budget, p = self.prefill_chunks(budget, sched, now, step)
-            preempted = preempted or p
-        admitted = scanned = 0
-        if not preempted and budget > 0 and len(self.run.order) < self.limits.max_num_seqs:
-            admitted, scanned = self.admit_waiting(budget, nwait, sched, now)
-        return sched, admitted, scanned
 
+@njit(cache=True)
+def schedule(s, now: float, nwait: int, step: int, sched):  # noqa: ANN001, ANN201
+    """The step's batch into ``sched``; returns (its rows, requests admitted from the queue,
+    waiting requests examined)."""
+    ints = s.I
+    preempted = decode_blocks(s, now, step)
+    budget = ints[BUDGET_MAX] - ints[NDEC]
+    n = 0
+    if ints[PF_HEAD] != NONE and budget > 0:
+        budget, n, p = prefill_chunks(s, budget, sched, n, now, step)
+        preempted = preempted or p
+    admitted = scanned = 0
+    if not preempted and budget > 0 and ints[RUN_LEN] < ints[MAX_SEQS]:
+        admitted, scanned, n = admit_waiting(s, budget, nwait, sched, n, now)
+    return n, admitted, scanned

@@ -1,231 +1,251 @@
 """vLLM's waiting queue, never materialised per arrival.
 
 FCFS order = preempted requests (newest preemption first, negative keys) then every fresh
-request in arrival order (key rid + 1). Per adapter, the same order is its preempted deque
-followed by its fresh requests from a pointer on. A request that has not arrived yet is simply
-not eligible: whether a head has arrived is one comparison with the clock. While the step's
-adapter set is full (the ``max_loras`` rule), the next admissible request is the earliest head
-of an in-set adapter: a lazy heap over those heads makes that O(log n) per admission instead of
-a scan of the queue.
+request in arrival order (key rid + 1). Per adapter, the same order is its preempted requests
+followed by its fresh ones from a pointer on (``fresh_head``, skipping requests dropped at the
+client). A request that has not arrived yet is simply not eligible: whether a head has arrived is
+one comparison with the clock. While the step's adapter set is full (the ``max_loras`` rule),
+the next admissible request is the earliest head of an in-set adapter: a lazy heap over those
+heads (``heads``) makes that O(log n) per admission instead of a scan of the queue.
 """
 
 from __future__ import annotations
 
-import heapq
-from bisect import bisect_right
-from collections import deque
+from numba import njit
 
-import numpy as np
+from twin.engine.heaps import heap_pop, heap_push, stack_push
+from twin.engine.lora_set import holds
+from twin.engine.state import (
+    AI,
+    CLIENT_CAP,
+    DROPPED,
+    FRONT_KEY,
+    FRONT_N,
+    GPTR,
+    HEADS_N,
+    N_DROP,
+    N_FRESH,
+    N_PREW,
+    NONE,
+    PENDING,
+    REJECTED,
+    RUNNING,
+    WAITING,
+    N,
+)
 
-from twin.engine.lora_set import LoraSet
-from twin.engine.table import DROPPED, PENDING, REJECTED, RUNNING, WAITING, RequestTable
+
+@njit(cache=True)
+def add(s, rid: int) -> None:  # noqa: ANN001
+    """Index an appended request (its row is filled in)."""
+    if s.state[rid] == REJECTED:
+        return
+    q = s.adp[rid] + 1
+    tail = s.fresh_tail[q]
+    s.fresh_next[rid] = NONE
+    if tail != NONE:
+        s.fresh_next[tail] = rid
+    s.fresh_tail[q] = rid
+    if s.fresh_head[q] == NONE:
+        s.fresh_head[q] = rid
+    a = s.adp[rid]
+    if holds(s, a) and head(s, a) == rid:
+        push_head(s, a)  # an in-set adapter whose queue was empty
 
 
-class WaitingQueue:
-    """Arrived, not running requests; counts them without walking them."""
+@njit(cache=True)
+def add_all(s, first: int) -> None:  # noqa: ANN001
+    for rid in range(first, s.I[N]):
+        add(s, rid)
 
-    __slots__ = ("t", "lora", "front", "afront", "aidx", "aptr", "gptr", "heads", "front_key",
-                 "ai", "n_fresh_admitted", "n_pre_waiting", "n_dropped", "aborted_ahead",
-                 "client_cap")
 
-    def __init__(self, table: RequestTable, lora: LoraSet, client_cap: int | None) -> None:
-        self.t = table
-        self.lora = lora
-        self.front: deque[tuple[int, int]] = deque()  # (key, rid) preempted, global order
-        self.afront: dict[int, deque[int]] = {}  # adapter -> preempted rids, queue order
-        self.aidx: dict[int, list[int]] = {}  # adapter -> its fresh requests, arrival order
-        self.aptr: dict[int, int] = {}  # adapter -> first of them not yet admitted
-        self.gptr = 0  # global pointer over fresh requests
-        self.heads: list[tuple[int, int]] = []  # (key, rid): heads of in-set adapters
-        self.front_key = 0
-        self.ai = 0  # requests [0, ai) have arrived
-        self.n_fresh_admitted = 0
-        self.n_pre_waiting = 0
-        self.n_dropped = 0  # arrived requests dropped at the client or aborted
-        self.aborted_ahead: list[int] = []  # aborted before the engine saw them arrive
-        self.client_cap = client_cap
+@njit(cache=True)
+def waiting(s) -> int:  # noqa: ANN001
+    ints = s.I
+    ai = ints[AI]
+    return ai - s.rej_before[ai] - ints[N_DROP] - ints[N_FRESH] + ints[N_PREW]
 
-    # -- requests come in ---------------------------------------------------------------------
-    def added(self, first: int) -> None:
-        """Index the requests appended to the table from row ``first`` on."""
-        t = self.t
-        n = len(t)
-        new = np.arange(first, n)
-        state = np.frombuffer(bytes(t.state[first:n]), dtype=np.uint8)
-        new = new[state != REJECTED]
-        adp = np.asarray(t.adp[first:n], dtype=np.int64)[new - first]
-        order = np.argsort(adp, kind="stable")
-        keys, starts = np.unique(adp[order], return_index=True)
-        chunks = np.split(new[order], starts[1:]) if len(keys) else []
-        for k, chunk in zip(keys.tolist(), chunks, strict=True):
-            lst = self.aidx.get(k)
-            if lst is None:
-                lst = self.aidx[k] = []
-                self.aptr[k] = 0
-            lst.extend(chunk.tolist())
-            if self.lora.holds(k) and self.head(k) >= first:
-                self.push_head(k)  # an in-set adapter whose queue was empty
 
-    def add_one(self, rid: int) -> None:
-        """Index one appended request (the steppable engine's submit)."""
-        t = self.t
-        if t.state[rid] == REJECTED:
-            return
-        a = t.adp[rid]
-        lst = self.aidx.get(a)
-        if lst is None:
-            lst = self.aidx[a] = []
-            self.aptr[a] = 0
-        lst.append(rid)
-        if self.lora.holds(a) and self.head(a) == rid:
-            self.push_head(a)
+@njit(cache=True)
+def arrive(s, now: float, running: int) -> int:  # noqa: ANN001
+    """Requests that have arrived by ``now`` join; returns how many are waiting. A load
+    generator holding at most ``CLIENT_CAP`` requests in flight fails the rest at once."""
+    ints = s.I
+    ai = ints[AI]
+    n = ints[N]
+    new_ai = ai
+    while new_ai < n and s.arr[new_ai] <= now:
+        new_ai += 1
+    cap = ints[CLIENT_CAP]
+    if cap >= 0 and new_ai > ai:
+        room = cap - (running + waiting(s))
+        for i in range(ai, new_ai):
+            if s.state[i] == PENDING:
+                if room > 0:
+                    room -= 1
+                else:
+                    s.state[i] = DROPPED
+                    ints[N_DROP] += 1
+    ahead = s.aborted_ahead
+    if len(ahead):
+        k = 0
+        while k < len(ahead):
+            if ahead[k] < new_ai:
+                ints[N_DROP] += 1
+                ahead[k] = ahead[len(ahead) - 1]
+                ahead.pop()
+            else:
+                k += 1
+    ints[AI] = new_ai
+    return waiting(s)
 
-    def arrive(self, now: float, running: int) -> int:
-        """Requests that have arrived by ``now`` join; returns how many are waiting. A load
-        generator holding at most ``client_cap`` requests in flight fails the rest at once."""
-        t = self.t
-        ai = self.ai
-        new_ai = bisect_right(t.arr, now, ai)
-        cap = self.client_cap
-        if cap is not None and new_ai > ai:
-            state = t.state
-            room = cap - (running + ai - t.rejected_before[ai] - self.n_dropped
-                          - self.n_fresh_admitted + self.n_pre_waiting)
-            for i in range(ai, new_ai):
-                if state[i] == PENDING:
-                    if room > 0:
-                        room -= 1
-                    else:
-                        state[i] = DROPPED
-                        self.n_dropped += 1
-        if self.aborted_ahead:
-            now_in = [r for r in self.aborted_ahead if r < new_ai]
-            self.n_dropped += len(now_in)
-            self.aborted_ahead = [r for r in self.aborted_ahead if r >= new_ai]
-        self.ai = new_ai
-        return (new_ai - t.rejected_before[new_ai] - self.n_dropped - self.n_fresh_admitted
-                + self.n_pre_waiting)
 
-    def next_arrival(self) -> int:
-        """The next request still to arrive that can be served; -1 if none."""
-        t = self.t
-        i, n, state = self.ai, len(t), t.state
-        while i < n and (state[i] == REJECTED or state[i] == DROPPED):
-            i += 1
-        return i if i < n else -1
+@njit(cache=True)
+def next_arrival(s) -> int:  # noqa: ANN001
+    """The next request still to arrive that can be served; NONE if none."""
+    i, n = s.I[AI], s.I[N]
+    while i < n and (s.state[i] == REJECTED or s.state[i] == DROPPED):
+        i += 1
+    return i if i < n else NONE
 
-    # -- heads and picks ----------------------------------------------------------------------
-    def head(self, a: int) -> int:
-        """Adapter ``a``'s first waiting request (arrived or not); -1 if none."""
-        f = self.afront.get(a)
-        if f:
-            return f[0]
-        lst = self.aidx.get(a)
-        if lst is None:
-            return -1
-        p = self.aptr[a]
-        state = self.t.state
-        while p < len(lst) and state[lst[p]] == DROPPED:
-            p += 1
-        self.aptr[a] = p
-        return lst[p] if p < len(lst) else -1
 
-    def push_head(self, a: int) -> None:
-        h = self.head(a)
-        if h >= 0:
-            heapq.heappush(self.heads, (self.t.wkey[h], h))
+@njit(cache=True)
+def head(s, a: int) -> int:  # noqa: ANN001
+    """Adapter ``a``'s first waiting request (arrived or not); NONE if none."""
+    q = a + 1
+    f = s.af_head[q]
+    if f != NONE:
+        return f
+    h = s.fresh_head[q]
+    while h != NONE and s.state[h] == DROPPED:
+        h = s.fresh_next[h]
+    s.fresh_head[q] = h
+    return h
 
-    def first_in_set(self) -> int:
-        """The earliest waiting request of an in-set adapter (or the base model); -1 if none."""
-        t, heads, lora = self.t, self.heads, self.lora
-        state, wkey, adp = t.state, t.wkey, t.adp
-        while heads:
-            k, r = heads[0]
-            a = adp[r]
-            if (wkey[r] == k and (state[r] == WAITING or state[r] == PENDING)
-                    and lora.holds(a) and self.head(a) == r):
-                return r
-            heapq.heappop(heads)
-            if state[r] == DROPPED and lora.holds(a):
-                self.push_head(a)  # it was this adapter's (not yet arrived) head
-        return -1
 
-    def first(self) -> int:
-        """The earliest waiting request, FCFS; -1 if none."""
-        t = self.t
-        state, wkey, front = t.state, t.wkey, self.front
-        while front:
-            k, r = front[0]
-            if state[r] == WAITING and wkey[r] == k:
-                return r
-            front.popleft()
-        n = len(t)
-        g = self.gptr
-        while g < n and state[g] != PENDING:
-            g += 1
-        self.gptr = g
-        return g if g < n else -1
+@njit(cache=True)
+def push_head(s, a: int) -> None:  # noqa: ANN001
+    h = head(s, a)
+    if h != NONE:
+        s.I[HEADS_N] = heap_push(s.heads, s.I[HEADS_N], s.wkey[h], h, 0)
 
-    # -- requests leave or come back ----------------------------------------------------------
-    def take(self, rid: int) -> None:
-        """``rid`` (a head) is admitted."""
-        t = self.t
-        a = t.adp[rid]
-        if t.state[rid] == PENDING:
-            self.head(a)  # moves the pointer past requests dropped at the client
-            self.aptr[a] += 1
-            self.n_fresh_admitted += 1
+
+@njit(cache=True)
+def first_in_set(s) -> int:  # noqa: ANN001
+    """The earliest waiting request of an in-set adapter (or the base model); NONE if none."""
+    ints = s.I
+    while ints[HEADS_N]:
+        buf = s.heads[0]
+        k, r = buf[0, 0], buf[0, 1]
+        a = s.adp[r]
+        st = s.state[r]
+        if (s.wkey[r] == k and (st in (WAITING, PENDING)) and holds(s, a)
+                and head(s, a) == r):
+            return r
+        ints[HEADS_N] = heap_pop(s.heads, ints[HEADS_N])
+        if st == DROPPED and holds(s, a):
+            push_head(s, a)  # it was this adapter's (not yet arrived) head
+    return NONE
+
+
+@njit(cache=True)
+def first(s) -> int:  # noqa: ANN001
+    """The earliest waiting request, FCFS; NONE if none."""
+    ints = s.I
+    while ints[FRONT_N]:
+        buf = s.front[0]
+        k, r = buf[ints[FRONT_N] - 1, 0], buf[ints[FRONT_N] - 1, 1]
+        if s.state[r] == WAITING and s.wkey[r] == k:
+            return r
+        ints[FRONT_N] -= 1
+    return _oldest_pending(s)
+
+
+@njit(cache=True)
+def _oldest_pending(s) -> int:  # noqa: ANN001
+    ints = s.I
+    g, n = ints[GPTR], ints[N]
+    while g < n and s.state[g] != PENDING:
+        g += 1
+    ints[GPTR] = g
+    return g if g < n else NONE
+
+
+@njit(cache=True)
+def take(s, rid: int) -> None:  # noqa: ANN001
+    """``rid`` (a head) is admitted."""
+    q = s.adp[rid] + 1
+    if s.state[rid] == PENDING:
+        head(s, s.adp[rid])  # moves the pointer past requests dropped at the client
+        s.fresh_head[q] = s.fresh_next[s.fresh_head[q]]
+        s.I[N_FRESH] += 1
+    else:
+        nxt = s.af_next[rid]
+        s.af_head[q] = nxt
+        if nxt != NONE:
+            s.af_prev[nxt] = NONE
+        s.I[N_PREW] -= 1
+    s.state[rid] = RUNNING
+
+
+@njit(cache=True)
+def put_back(s, rid: int) -> None:  # noqa: ANN001
+    """A preempted request goes back to the front of the queue."""
+    ints = s.I
+    s.state[rid] = WAITING
+    ints[N_PREW] += 1
+    a = s.adp[rid]
+    ints[FRONT_KEY] -= 1
+    key = ints[FRONT_KEY]
+    s.wkey[rid] = key
+    q = a + 1
+    old = s.af_head[q]
+    s.af_next[rid] = old
+    s.af_prev[rid] = NONE
+    if old != NONE:
+        s.af_prev[old] = rid
+    s.af_head[q] = rid
+    ints[FRONT_N] = stack_push(s.front, ints[FRONT_N], key, rid)
+    if holds(s, a):
+        ints[HEADS_N] = heap_push(s.heads, ints[HEADS_N], key, rid, 0)
+
+
+@njit(cache=True)
+def abort(s, rid: int) -> None:  # noqa: ANN001
+    """A waiting request's client went away: it leaves the queue."""
+    ints = s.I
+    if s.state[rid] == WAITING:
+        q = s.adp[rid] + 1
+        p, n = s.af_prev[rid], s.af_next[rid]
+        if p == NONE:
+            s.af_head[q] = n
         else:
-            self.afront[a].popleft()
-            self.n_pre_waiting -= 1
-        t.state[rid] = RUNNING
+            s.af_next[p] = n
+        if n != NONE:
+            s.af_prev[n] = p
+        ints[N_PREW] -= 1
+    elif rid < ints[AI]:
+        ints[N_DROP] += 1
+    else:
+        s.aborted_ahead.append(rid)
+    s.state[rid] = DROPPED
 
-    def put_back(self, rid: int) -> None:
-        """A preempted request goes back to the front of the queue."""
-        t = self.t
-        t.state[rid] = WAITING
-        self.n_pre_waiting += 1
-        a = t.adp[rid]
-        self.front_key -= 1
-        key = self.front_key
-        t.wkey[rid] = key
-        q = self.afront.get(a)
-        if q is None:
-            q = self.afront[a] = deque()
-        q.appendleft(rid)
-        self.front.appendleft((key, rid))
-        if self.lora.holds(a):
-            heapq.heappush(self.heads, (key, rid))
 
-    def abort(self, rid: int) -> None:
-        """A waiting request's client went away: it leaves the queue."""
-        t = self.t
-        if t.state[rid] == WAITING:
-            self.afront[t.adp[rid]].remove(rid)
-            self.n_pre_waiting -= 1
-        elif rid < self.ai:
-            self.n_dropped += 1
-        else:
-            self.aborted_ahead.append(rid)
-        t.state[rid] = DROPPED
+@njit(cache=True)
+def position(s, rid: int, nwait0: int, npre0: int, n_admitted: int) -> int:  # noqa: ANN001
+    """Approximate queue position of ``rid`` among the step's ``nwait0`` waiting requests.
 
-    def position(self, rid: int, nwait0: int, npre0: int, n_admitted: int) -> int:
-        """Approximate queue position of ``rid`` among the step's ``nwait0`` waiting requests.
-
-        Preempted requests sit at the head. Fresh ones follow in arrival order; waiting ones are
-        taken as spread evenly over the ids from the oldest pending to the newest arrived, which
-        keeps this O(1) (an exact count would cost a tree update per admission).
-        """
-        if rid < 0:
-            return n_admitted
-        t = self.t
-        if t.wkey[rid] < 0:
-            return min(nwait0, n_admitted + 1)
-        n, state = len(t), t.state
-        g = self.gptr
-        while g < n and state[g] != PENDING:
-            g += 1
-        self.gptr = g
-        span = self.ai - g
-        est = npre0 + ((nwait0 - npre0) * (rid - g + 1) // span if span > 0 else 0)
-        return max(n_admitted + (state[rid] != RUNNING), min(nwait0, est))
+    Preempted requests sit at the head. Fresh ones follow in arrival order; waiting ones are
+    taken as spread evenly over the ids from the oldest pending to the newest arrived, which
+    keeps this O(1) (an exact count would cost a tree update per admission).
+    """
+    if rid < 0:
+        return n_admitted
+    if s.wkey[rid] < 0:
+        return min(nwait0, n_admitted + 1)
+    g = _oldest_pending(s)
+    if g == NONE:
+        g = s.I[N]
+    span = s.I[AI] - g
+    est = npre0 + ((nwait0 - npre0) * (rid - g + 1) // span if span > 0 else 0)
+    return max(n_admitted + (1 if s.state[rid] != RUNNING else 0), min(nwait0, est))
