@@ -20,6 +20,14 @@ def _room(box, n):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True)
+def _move(buf, dst: int, src: int, wide: bool) -> None:  # noqa: ANN001
+    buf[dst, 0] = buf[src, 0]
+    buf[dst, 1] = buf[src, 1]
+    if wide:
+        buf[dst, 2] = buf[src, 2]
+
+
+@njit(cache=True)
 def heap_push(box, n: int, a: int, b: int, c: int) -> int:  # noqa: ANN001
     """Push row (a, b[, c]) onto the heap of ``n`` rows; returns the new size."""
     buf = _room(box, n)
@@ -29,10 +37,7 @@ def heap_push(box, n: int, a: int, b: int, c: int) -> int:  # noqa: ANN001
         parent = (i - 1) >> 1
         if buf[parent, 0] <= a:
             break
-        buf[i, 0] = buf[parent, 0]
-        buf[i, 1] = buf[parent, 1]
-        if wide:
-            buf[i, 2] = buf[parent, 2]
+        _move(buf, i, parent, wide)
         i = parent
     buf[i, 0] = a
     buf[i, 1] = b
@@ -61,10 +66,7 @@ def heap_pop(box, n: int) -> int:  # noqa: ANN001
             child += 1
         if l0 <= buf[child, 0]:
             break
-        buf[i, 0] = buf[child, 0]
-        buf[i, 1] = buf[child, 1]
-        if wide:
-            buf[i, 2] = buf[child, 2]
+        _move(buf, i, child, wide)
         i = child
     buf[i, 0] = l0
     buf[i, 1] = l1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from numba import njit
 
+from twin.engine.links import push_front, remove
 from twin.engine.state import GRAB, NONE, PERIOD
 
 
@@ -30,12 +31,7 @@ def decoder_blocks(s, rid: int, clock: int) -> int:  # noqa: ANN001
 @njit(cache=True)
 def due_add(s, rid: int, phase: int) -> None:  # noqa: ANN001
     """``rid`` needs blocks at the decode clocks of ``phase`` (mod the period)."""
-    head = s.due_head[phase]
-    s.due_next[rid] = head
-    s.due_prev[rid] = NONE
-    if head != NONE:
-        s.due_prev[head] = rid
-    s.due_head[phase] = rid
+    push_front(s.due_prev, s.due_next, s.due_head, phase, rid)
     s.due_ph[rid] = phase
     s.due_cnt[phase] += 1
 
@@ -45,12 +41,6 @@ def due_remove(s, rid: int) -> None:  # noqa: ANN001
     phase = s.due_ph[rid]
     if phase == NONE:
         return
-    p, n = s.due_prev[rid], s.due_next[rid]
-    if p == NONE:
-        s.due_head[phase] = n
-    else:
-        s.due_next[p] = n
-    if n != NONE:
-        s.due_prev[n] = p
+    remove(s.due_prev, s.due_next, s.due_head, phase, rid)
     s.due_ph[rid] = NONE
     s.due_cnt[phase] -= 1

@@ -94,6 +94,17 @@ def _lru_order(s, members, step: int, new) -> np.ndarray:  # noqa: ANN001
 
 
 @njit(cache=True)
+def _lru_victim(s, cached, touched, order, i: int, step: int, new):  # noqa: ANN001, ANN202
+    """The least recently used entry of a full cache that this walk has not touched; the LRU
+    order is built on first need. Returns (victim, order, its index in the order)."""
+    if len(order) == 0:
+        order = _lru_order(s, np.flatnonzero(cached[:s.I[NA]]), step, new)
+    while touched[order[i]] or not cached[order[i]]:
+        i += 1
+    return order[i], order, i
+
+
+@njit(cache=True)
 def _walk(s, step: int, n_joined: int) -> tuple[float, int]:  # noqa: ANN001
     ints = s.I
     na = ints[NA]
@@ -117,11 +128,8 @@ def _walk(s, step: int, n_joined: int) -> tuple[float, int]:  # noqa: ANN001
             touched_cpu[a] = 1
         else:
             if ints[CPU_N] >= ints[CPU_SLOTS]:
-                if len(cpu_order) == 0:
-                    cpu_order = _lru_order(s, np.flatnonzero(s.in_cpu[:na]), step, new)
-                while touched_cpu[cpu_order[ci]] or not s.in_cpu[cpu_order[ci]]:
-                    ci += 1
-                victim = cpu_order[ci]
+                victim, cpu_order, ci = _lru_victim(s, s.in_cpu, touched_cpu, cpu_order, ci,
+                                                    step, new)
                 s.in_cpu[victim] = 0
                 ints[CPU_N] -= 1
                 if s.in_gpu[victim]:  # dropping a registered adapter frees its slot
@@ -136,11 +144,9 @@ def _walk(s, step: int, n_joined: int) -> tuple[float, int]:  # noqa: ANN001
             touched_gpu[a] = 1
         else:
             if ints[GPU_N] >= ints[GPU_SLOTS]:
-                if len(gpu_order) == 0:
-                    gpu_order = _lru_order(s, np.flatnonzero(s.in_gpu[:na]), step, new)
-                while touched_gpu[gpu_order[gi]] or not s.in_gpu[gpu_order[gi]]:
-                    gi += 1
-                s.in_gpu[gpu_order[gi]] = 0
+                victim, gpu_order, gi = _lru_victim(s, s.in_gpu, touched_gpu, gpu_order, gi,
+                                                    step, new)
+                s.in_gpu[victim] = 0
                 ints[GPU_N] -= 1
             s.in_gpu[a] = 1
             ints[GPU_N] += 1

@@ -13,12 +13,12 @@ from numba import njit
 
 from twin.engine.heaps import heap_push
 from twin.engine.kv_blocks import decoder_blocks, due_add, due_remove
+from twin.engine.links import append, unlink
 from twin.engine.state import (
     BS,
     DC,
     FIN_N,
     NDEC,
-    NONE,
     PERIOD,
     PF_HEAD,
     PF_TAIL,
@@ -31,48 +31,23 @@ from twin.engine.state import (
 
 
 @njit(cache=True)
-def _append(prev, nxt, ints, head: int, tail: int, rid: int) -> None:  # noqa: ANN001
-    last = ints[tail]
-    prev[rid] = last
-    nxt[rid] = NONE
-    if last == NONE:
-        ints[head] = rid
-    else:
-        nxt[last] = rid
-    ints[tail] = rid
-
-
-@njit(cache=True)
-def _unlink(prev, nxt, ints, head: int, tail: int, rid: int) -> None:  # noqa: ANN001
-    p, n = prev[rid], nxt[rid]
-    if p == NONE:
-        ints[head] = n
-    else:
-        nxt[p] = n
-    if n == NONE:
-        ints[tail] = p
-    else:
-        prev[n] = p
-
-
-@njit(cache=True)
 def admit(s, rid: int) -> None:  # noqa: ANN001
     """A waiting request starts running (at the tail, in prefill)."""
     s.I[POS_CTR] += 1
     s.pos[rid] = s.I[POS_CTR]
-    _append(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
+    append(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
     s.I[RUN_LEN] += 1
-    _append(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
+    append(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
 
 
 @njit(cache=True)
 def leave_prefill(s, rid: int) -> None:  # noqa: ANN001
-    _unlink(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
+    unlink(s.pf_prev, s.pf_next, s.I, PF_HEAD, PF_TAIL, rid)
 
 
 @njit(cache=True)
 def leave_running(s, rid: int) -> None:  # noqa: ANN001
-    _unlink(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
+    unlink(s.run_prev, s.run_next, s.I, RUN_HEAD, RUN_TAIL, rid)
     s.I[RUN_LEN] -= 1
 
 

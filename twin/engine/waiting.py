@@ -14,6 +14,7 @@ from __future__ import annotations
 from numba import njit
 
 from twin.engine.heaps import heap_pop, heap_push, stack_push
+from twin.engine.links import push_front, remove
 from twin.engine.lora_set import holds
 from twin.engine.state import (
     AI,
@@ -180,10 +181,7 @@ def take(s, rid: int) -> None:  # noqa: ANN001
         s.fresh_head[q] = s.fresh_next[s.fresh_head[q]]
         s.I[N_FRESH] += 1
     else:
-        nxt = s.af_next[rid]
-        s.af_head[q] = nxt
-        if nxt != NONE:
-            s.af_prev[nxt] = NONE
+        remove(s.af_prev, s.af_next, s.af_head, q, rid)  # (the head)
         s.I[N_PREW] -= 1
     s.state[rid] = RUNNING
 
@@ -198,13 +196,7 @@ def put_back(s, rid: int) -> None:  # noqa: ANN001
     ints[FRONT_KEY] -= 1
     key = ints[FRONT_KEY]
     s.wkey[rid] = key
-    q = a + 1
-    old = s.af_head[q]
-    s.af_next[rid] = old
-    s.af_prev[rid] = NONE
-    if old != NONE:
-        s.af_prev[old] = rid
-    s.af_head[q] = rid
+    push_front(s.af_prev, s.af_next, s.af_head, a + 1, rid)
     ints[FRONT_N] = stack_push(s.front, ints[FRONT_N], key, rid)
     if holds(s, a):
         ints[HEADS_N] = heap_push(s.heads, ints[HEADS_N], key, rid, 0)
@@ -215,14 +207,7 @@ def abort(s, rid: int) -> None:  # noqa: ANN001
     """A waiting request's client went away: it leaves the queue."""
     ints = s.I
     if s.state[rid] == WAITING:
-        q = s.adp[rid] + 1
-        p, n = s.af_prev[rid], s.af_next[rid]
-        if p == NONE:
-            s.af_head[q] = n
-        else:
-            s.af_next[p] = n
-        if n != NONE:
-            s.af_prev[n] = p
+        remove(s.af_prev, s.af_next, s.af_head, s.adp[rid] + 1, rid)
         ints[N_PREW] -= 1
     elif rid < ints[AI]:
         ints[N_DROP] += 1
