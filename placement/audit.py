@@ -29,10 +29,9 @@ from placement.context import PlacementContext
 from placement.errors import PlacementError
 from placement.plan import Plan
 from placement.planner import make_plan, make_plan_within, prepare
-from twin.config import EngineConfig
+from twin.config import EngineConfig, smallest_valid_rank
 from twin.lengths import LengthModel, sharegpt
 from twin.replica import ReplicaLoad
-from twin.simulate import smallest_valid_rank
 from twin.surrogate_features import FEATURE_NAMES, FeatureBuilder
 from twin.workload import Workload, few_hot_workload, uniform_workload, zipf_workload
 

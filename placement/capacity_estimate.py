@@ -64,9 +64,8 @@ from placement.replica_optimum import (
     is_feasible,
     max_feasible_scale,
 )
-from twin.config import EngineConfig
+from twin.config import EngineConfig, smallest_valid_rank
 from twin.replica import ReplicaLoad
-from twin.simulate import smallest_valid_rank
 from twin.workload import Workload
 
 SPLIT_RATIO = 4  # hot/cold splits tried: the top n/4, n/16, n/64, ... adapters of a class

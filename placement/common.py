@@ -35,10 +35,9 @@ from placement.plan import (
     normalise_metrics,
 )
 from placement.replica_optimum import ReplicaOptimum, check_rank_fits, loads_feasible, optimise
-from twin.config import ConfigError
+from twin.config import ConfigError, smallest_valid_rank
 from twin.profile import InfeasibleConfigError
 from twin.replica import ReplicaLoad
-from twin.simulate import smallest_valid_rank
 from twin.workload import Workload
 
 SHARE_TOLERANCE = 1e-6

@@ -35,8 +35,8 @@ import numpy as np
 
 from placement.context import PlacementContext
 from placement.errors import PlacementError
+from twin.config import smallest_valid_rank
 from twin.latency import FEATURES, rank_tiles
-from twin.simulate import smallest_valid_rank
 from twin.workload import Workload
 
 STARVED_BELOW = 0.9  # twin/metrics: starved = fewer than 90 % of the offered tokens served

@@ -61,8 +61,8 @@ from placement.replica_optimum import (
     max_feasible_scale,
     optimise,
 )
+from twin.config import smallest_valid_rank
 from twin.replica import ReplicaLoad
-from twin.simulate import smallest_valid_rank
 from twin.workload import Workload
 
 MAX_REDUCTIONS = 4

@@ -35,10 +35,9 @@ import numpy as np
 
 from placement.context import PlacementContext
 from placement.errors import PlacementError
-from twin.config import ConfigError, EngineConfig
+from twin.config import ConfigError, EngineConfig, smallest_valid_rank
 from twin.profile import InfeasibleConfigError
 from twin.replica import ReplicaLoad, predict_columns
-from twin.simulate import smallest_valid_rank
 
 MAX_SCALE = 1024.0
 MIN_SCALE = 1.0 / 1024.0

@@ -96,3 +96,22 @@ def test_core_packages_import_no_serving_framework(graph, tmp_path, pkg, lib):
     assert len(problems) == 1 and problems[0].startswith(f"{pkg}.a imports {lib} (line 2)")
     # the same import is fine where it belongs
     assert found(graph, tree(tmp_path, {"orchestrator.serving.a": f"import {lib}\n"})) == []
+
+
+@pytest.mark.parametrize("module", ["orchestrator.serving.vllm_engine",
+                                    "orchestrator.serving.replica", "orchestrator.serving.app",
+                                    "orchestrator.measure.bench", "orchestrator.measure.profile"])
+def test_processes_that_host_vllm_load_no_compiler(module):
+    """vLLM 0.32's CPU worker rebinds Triton kernels by scanning every loaded module and calling
+    ``vars(value).get`` on their attributes; llvmlite's library wrapper (loaded by numba) answers
+    ``__dict__`` with a function wrapper and the engine fails to start. So the modules a vLLM
+    engine's process imports must not load numba (the compiled twin stays in the processes that
+    run it: planning, the controller, sim replicas)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, importlib; importlib.import_module({module!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"{module} loads {out}"

@@ -73,6 +73,7 @@ def test_model_round_trips_and_rejects_unknown_coefficients():
 def test_the_engines_scalar_step_time_is_predict_ms(graph_max, lora):
     """``StepCost.ms`` (what the engines call per step) equals ``predict_ms`` on random batches
     of every regime: graph and eager steps, small and large shrink launches, ranks 8-64."""
+    from twin.engine.step_time import step_ms
     from twin.latency import StepCost
 
     rng = np.random.default_rng(graph_max + lora)
@@ -91,6 +92,15 @@ def test_the_engines_scalar_step_time_is_predict_ms(graph_max, lora):
         got = [cost.ms(int(pi), int(di), int(ki), int(ai)) for pi, di, ki, ai in
                zip(p, d, k, a, strict=True)]
         np.testing.assert_allclose(got, want, rtol=1e-12)
+        # the compiled twin the engine calls gives the very same float
+        coef, pad = cost.coefficients()
+        loads = rng.uniform(0, 50, 300)
+        scanned = rng.integers(0, 1000, 300)
+        compiled = [step_ms(coef, pad, int(pi), int(di), int(ki), int(ai), float(li), int(si))
+                    for pi, di, ki, ai, li, si in zip(p, d, k, a, loads, scanned, strict=True)]
+        assert compiled == [cost.ms(int(pi), int(di), int(ki), int(ai), float(li), int(si))
+                            for pi, di, ki, ai, li, si in zip(p, d, k, a, loads, scanned,
+                                                              strict=True)]
     scan = StepCost.for_engine(model, lora_enabled=lora, max_lora_rank=8, max_loras=4,
                                scan_us_per_waiting=3.0)
     assert scan.ms(10, 5, 100, 1, load_ms=7.0, scanned_left=1000) == pytest.approx(

@@ -69,3 +69,22 @@ def test_per_adapter_rows():
     assert a["starved"] is False and b["starved"] is True
     assert a["ttft_mean_ms"] == pytest.approx(1000)
     assert np.isnan(b["ttft_mean_ms"])
+
+
+def test_the_twins_compiled_quantiles_equal_the_sorted_ones():
+    """``twin.engine.quantiles`` (a selection, what twin runs use) gives exactly the values of
+    ``weighted_quantiles`` (a sort, what measured runs use) on tie-heavy random samples."""
+    from twin.engine.quantiles import weighted_quantiles as selected
+
+    rng = np.random.default_rng(0)
+    for k in range(2000):
+        n = int(rng.integers(1, 60))
+        vals = rng.integers(0, 8, n).astype(float) * (1.0 if k % 2 else 0.37)
+        w = rng.integers(1, 5, n).astype(float)
+        qs = (0.5, 0.99, 0.0001, 1.0, float(rng.random()))
+        assert selected(vals, w, qs) == weighted_quantile_list(vals, w, qs), (vals, w, qs)
+    assert np.isnan(selected(np.array([]), np.array([]), (0.5,))[0])
+
+
+def weighted_quantile_list(vals, w, qs):  # noqa: ANN001, ANN201
+    return [weighted_quantile(vals, w, q) for q in qs]

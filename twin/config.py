@@ -87,3 +87,13 @@ class EngineConfig:
             return cls(**d)
         except ConfigError as exc:
             raise ConfigError(f"{where}.{exc}") from None
+
+
+def smallest_valid_rank(rank: int) -> int:
+    """vLLM only accepts some slot ranks; the smallest one that holds ``rank``."""
+    for r in VALID_MAX_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ConfigError(
+        f"rank {rank} exceeds vLLM's largest max_lora_rank {VALID_MAX_LORA_RANKS[-1]}"
+    )

@@ -48,7 +48,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 FEATURES: tuple[str, ...] = (
     "const",
@@ -260,7 +259,8 @@ class StepCost:
         )
 
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
-        """(coefficients, padded sizes) as ``step_ms`` takes them (the compiled engine)."""
+        """(coefficients, padded sizes) as ``twin.engine.step_time.step_ms``, the compiled twin
+        of ``ms``, takes them."""
         coef = np.array([self.const, self.prefill, self.ctx, self.adapter, self.token,
                          self.graph, self.eager_seq, self.eager, self.shrink, self.scan,
                          float(self.graph_max)])
@@ -271,24 +271,16 @@ class StepCost:
         """One step's duration in ms: ``prefill_tokens`` prompt tokens and ``decode_seqs``
         decodes (both > 0 together), ``ctx_tokens`` attended, ``lora_adapters`` distinct
         adapters; plus adapter loads and ``scanned_left`` waiting requests scanned past."""
-        coef, pad = self.coefficients()
-        return step_ms(coef, pad, prefill_tokens, decode_seqs, ctx_tokens, lora_adapters,
-                       load_ms, scanned_left)
-
-
-@njit(cache=True)
-def step_ms(coef: np.ndarray, pad: np.ndarray, prefill_tokens: int, decode_seqs: int,
-            ctx_tokens: int, lora_adapters: int, load_ms: float, scanned_left: int) -> float:
-    """``StepCost.ms`` over ``StepCost.coefficients()``: the one place the formula lives."""
-    total = prefill_tokens + decode_seqs
-    ms = (coef[0] + coef[1] * prefill_tokens + coef[2] * ctx_tokens
-          + coef[3] * lora_adapters + coef[4] * total + load_ms + coef[9] * scanned_left)
-    if total <= coef[10]:
-        rows = pad[total]
-        ms += coef[5] * (rows - prefill_tokens)
-    else:
-        rows = total
-        ms += coef[6] * decode_seqs + coef[7]
-    if coef[8]:
-        ms += coef[8] * (64 if rows < 128 else 8) * ((rows + 31) // 32)
-    return ms
+        total = prefill_tokens + decode_seqs
+        ms = (self.const + self.prefill * prefill_tokens + self.ctx * ctx_tokens
+              + self.adapter * lora_adapters + self.token * total + load_ms
+              + self.scan * scanned_left)
+        if total <= self.graph_max:
+            rows = self.pad[total]
+            ms += self.graph * (rows - prefill_tokens)
+        else:
+            rows = total
+            ms += self.eager_seq * decode_seqs + self.eager
+        if self.shrink:
+            ms += self.shrink * (64 if rows < 128 else 8) * ((rows + 31) // 32)
+        return ms

@@ -9,11 +9,11 @@ tokens offered in the window — the engine cannot keep up and its queue grows w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 STARVATION_THRESHOLD = 0.9
 
@@ -25,50 +25,16 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray,
                        qs: tuple[float, ...]) -> list[float]:
-    """Quantiles of a weighted sample: for each q, the first value in sorted order whose
-    cumulative weight reaches q of the total (nan if empty). A selection, not a sort: a twin
-    hour has ~10^5 step gaps. Integer weights keep every partial sum exact."""
-    total = float(weights.sum()) if len(values) else 0.0
-    if total <= 0:
+    """Quantiles of a weighted sample, one sort for all of them: for each q, the first value in
+    sorted order whose cumulative weight reaches q of the total (nan if empty). Ties need no
+    stable order: whichever order equal values take, the value found is the same."""
+    if len(values) == 0 or weights.sum() <= 0:
         return [float("nan")] * len(qs)
-    v = np.asarray(values, dtype=float)
-    w = np.asarray(weights, dtype=float)
-    return [float(_weighted_select(v.copy(), w.copy(), q * total)) for q in qs]
-
-
-@njit(cache=True)
-def _weighted_select(v: np.ndarray, w: np.ndarray, target: float) -> float:
-    """Smallest x with weight(values <= x) >= target (three-way quickselect, in place)."""
-    lo, hi = 0, len(v)
-    below = 0.0  # weight of the values known to lie below v[lo:hi]
-    while hi - lo > 1:
-        a, b, c = v[lo], v[(lo + hi) // 2], v[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))  # median of three
-        lt, i, gt = lo, lo, hi  # [lo, lt) < pivot, [lt, i) == pivot, [gt, hi) > pivot
-        w_lt = w_eq = 0.0
-        while i < gt:
-            x = v[i]
-            if x < pivot:
-                v[i], v[lt] = v[lt], x
-                w[i], w[lt] = w[lt], w[i]
-                w_lt += w[lt]
-                lt += 1
-                i += 1
-            elif x > pivot:
-                gt -= 1
-                v[i], v[gt] = v[gt], x
-                w[i], w[gt] = w[gt], w[i]
-            else:
-                w_eq += w[i]
-                i += 1
-        if below + w_lt >= target:
-            hi = lt
-        elif below + w_lt + w_eq >= target:
-            return pivot
-        else:
-            below += w_lt + w_eq
-            lo = gt
-    return v[lo] if hi > lo else v[lo - 1]
+    order = np.argsort(values)
+    v = values[order]
+    cw = np.cumsum(weights[order], dtype=float)
+    idx = np.searchsorted(cw, np.asarray(qs) * cw[-1], side="left")
+    return [float(v[min(int(i), len(v) - 1)]) for i in idx]
 
 
 def _stats(x: np.ndarray, prefix: str) -> dict[str, float]:
@@ -106,8 +72,11 @@ def aggregate_metrics(
     itl_gap_ms: np.ndarray,
     itl_weight: np.ndarray,
     preempt_gap_ms: np.ndarray,
+    quantiles: Callable[[np.ndarray, np.ndarray, tuple[float, ...]], list[float]] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark-style summary of one run over ``[0, window_s)``."""
+    """Benchmark-style summary of one run over ``[0, window_s)``. ``quantiles`` computes the
+    weighted ITL quantiles (default ``weighted_quantiles``; the twin passes its compiled
+    selection, ``twin.engine.quantiles``, which gives the same values)."""
     done = rec.completed_mask(window_s)
     offered = rec.arrival_s < window_s
     n_done = int(done.sum())
@@ -142,7 +111,8 @@ def aggregate_metrics(
     m.update(_stats(ttft, "ttft"))
     m.update(_stats(tpot, "tpot"))
     m["itl_mean_ms"] = decode_time / decode_tokens if decode_tokens else float("nan")
-    m["itl_median_ms"], m["itl_p99_ms"] = weighted_quantiles(gaps, weights, (0.5, 0.99))
+    m["itl_median_ms"], m["itl_p99_ms"] = (quantiles or weighted_quantiles)(gaps, weights,
+                                                                         (0.5, 0.99))
     m["completed_token_fraction"] = done_tokens / offered_tokens if offered_tokens else 1.0
     m["starved"] = bool(offered_tokens > 0 and done_tokens < STARVATION_THRESHOLD * offered_tokens)
     m["preemptions"] = int(rec.preemptions.sum())

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from twin.config import VALID_MAX_LORA_RANKS, ConfigError, EngineConfig
+from twin.config import ConfigError, EngineConfig, smallest_valid_rank
 from twin.engine import EngineResult, run_engine
+from twin.engine.quantiles import weighted_quantiles as selected_quantiles
 from twin.metrics import RequestRecords, aggregate_metrics, per_adapter_metrics
 from twin.profile import Profile
 from twin.workload import RequestBatch, Workload, generate_requests
@@ -31,16 +32,6 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary printed by `lorafleet simulate --json`."""
         return dict(self.metrics)
-
-
-def smallest_valid_rank(rank: int) -> int:
-    """vLLM only accepts some slot ranks; the smallest one that holds ``rank``."""
-    for r in VALID_MAX_LORA_RANKS:
-        if r >= rank:
-            return r
-    raise ConfigError(
-        f"rank {rank} exceeds vLLM's largest max_lora_rank {VALID_MAX_LORA_RANKS[-1]}"
-    )
 
 
 def check_adapter_ranks(ranks: list[int], ids: list[str], max_lora_rank: int) -> None:
@@ -132,7 +123,8 @@ def simulate_requests(
         rejected=eng.rejected,
     )
     metrics = aggregate_metrics(
-        rec, duration_s, eng.itl_gap_ms, eng.itl_weight, eng.preempt_gap_ms
+        rec, duration_s, eng.itl_gap_ms, eng.itl_weight, eng.preempt_gap_ms,
+        quantiles=selected_quantiles,
     )
     metrics.update(
         {

@@ -39,7 +39,7 @@ import numpy as np
 
 from load_tests.openloop import FIRST_PROMPT_TOKEN, PROMPT_SEED_SALT, dispatch_open_loop
 from orchestrator.measure.tiny_model import TinyAdapter, TinyModel, TinyModelError, load_tiny_model
-from twin.config import VALID_MAX_LORA_RANKS, ConfigError
+from twin.config import VALID_MAX_LORA_RANKS, ConfigError, smallest_valid_rank
 from twin.runs_table import (
     MEASURED_COLUMNS,
     Measurement,
@@ -48,7 +48,6 @@ from twin.runs_table import (
     machine_label,
     measured_metrics,
 )
-from twin.simulate import smallest_valid_rank
 from twin.workload import RequestBatch, Workload, WorkloadError, generate_requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -25,20 +25,23 @@ from orchestrator.serving.backend import (
     ServingError,
 )
 from orchestrator.serving.registry import AdapterEntry
-from orchestrator.serving.sim_engine import SimEngine
 from orchestrator.serving.spec import ReplicaSpec
 from orchestrator.serving.telemetry import RequestRecord, Telemetry
-from orchestrator.serving.vllm_engine import VLLMEngine
 from twin.profile import load_profile
 
 
 def make_backend(spec: ReplicaSpec) -> EngineBackend:
-    """The backend the spec asks for (vLLM itself is imported only when a vllm engine
-    starts, inside serving/vllm_engine.py)."""
+    """The backend the spec asks for. Each backend's module is imported only for its kind: a
+    vLLM replica's process never loads the compiled twin (numba breaks vLLM 0.32's CPU
+    kernel-override scan), and vLLM itself is imported only when a vllm engine starts."""
     if spec.engine_kind == "sim":
+        from orchestrator.serving.sim_engine import SimEngine
+
         return SimEngine(spec.engine, load_profile(spec.profile),
                          {a.id: a.rank for a in spec.adapters},
                          max_model_len=spec.max_model_len or 0, time_scale=spec.sim_time_scale)
+    from orchestrator.serving.vllm_engine import VLLMEngine
+
     return VLLMEngine(spec)
 
 

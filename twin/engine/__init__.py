@@ -9,8 +9,8 @@ Its pieces follow vLLM's own (see docs/vllm_v1_semantics.md for the source refer
 * ``kv_blocks``: the paged KV pool (``KVCacheManager``), preallocation included;
 * ``waiting`` and ``running``: the two queues, with aggregates so a step costs O(changes);
 * ``lora_set``: the step's adapter set and the worker's GPU-slot / CPU-cache LRU walk;
-* ``loop``: one step — arrivals, ``schedule()``, the step time (``twin.latency.step_ms``), the
-  update — and ``advance``;
+* ``loop``: one step — arrivals, ``schedule()``, the step time, the update — and ``advance``;
+* ``step_time``: ``twin.latency.StepCost.ms``'s formula, compiled;
 * ``core``: ``EngineCore`` — submit, step, advance, abort, results (Python; the loop is
   compiled);
 * ``run``: ``run_engine``, a whole workload in simulated time (the offline twin); the live

@@ -2,11 +2,12 @@
 
 Steppable: requests are ``submit``-ted as they arrive (or a whole workload at once),
 ``step(until)`` runs the next step that starts before ``until`` — schedule, predicted step time
-(``twin.latency.step_ms``), update from its output — and returns when it ends; ``advance(until)``
-runs every such step; ``abort`` frees what a request holds. The offline twin (``run_engine``)
-and the live ``sim`` serving backend drive this same object, one in simulated time, the other in
-real time. The state is ``twin.engine.state.EngineState``; the loop is compiled
-(``twin.engine.loop``); this class only appends requests and reads results.
+(``twin.engine.step_time``, the compiled twin of ``twin.latency.StepCost.ms``), update from its
+output — and returns when it ends; ``advance(until)`` runs every such step; ``abort`` frees what
+a request holds. The offline twin (``run_engine``) and the live ``sim`` serving backend drive
+this same object, one in simulated time, the other in real time. The state is
+``twin.engine.state.EngineState``; the loop is compiled (``twin.engine.loop``); this class only
+appends requests and reads results.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from twin.engine.state import (
     TS_INTERVAL,
     N,
 )
-from twin.latency import step_ms
+from twin.engine.step_time import step_ms
 
 
 @njit(cache=True)
