@@ -203,8 +203,11 @@ class IngressDeployment:
         for key, ep in routing["endpoints"].items():
             g, c = key.rsplit("/", 1)
             ends[ReplicaId(g, int(c))] = ep
-            clients[ep] = known.get(ep) or HandleClient(
-                serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ep))
+            # no existence check: it is a blocking call to the Serve controller on the
+            # ingress's event loop, which serves clients too, and the controller only routes
+            # to engine applications it has deployed
+            clients[ep] = known.get(ep) or HandleClient(serve.get_deployment_handle(
+                ENGINE_DEPLOYMENT, app_name=ep, _check_exists=False))
         return ends, clients
 
     async def _poll_loop(self, link: ControllerLink) -> None:

@@ -13,7 +13,9 @@ actor methods of the same names (``orchestrator.control.actor``):
 
 Every call has a timeout, and a failed call drops the cached actor handle, so the next one looks
 the actor up again (a restarted controller); the caller decides what a failure means (a lost
-telemetry batch, routing by the table it has, the role it was deployed with).
+telemetry batch, routing by the table it has, the role it was deployed with). The lookup is a
+blocking GCS call: it runs in a thread, because an ingress serves clients on the same event
+loop and a busy GCS (a transition deploying applications) must not hold their requests.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class ControllerLink:
     async def _call(self, method: str, *args: Any) -> Any:
         try:
             if self._actor is None:
-                self._actor = ray.get_actor(self.name, namespace=self.namespace)
+                self._actor = await asyncio.wait_for(asyncio.to_thread(
+                    ray.get_actor, self.name, namespace=self.namespace), self.timeout_s)
             return await asyncio.wait_for(getattr(self._actor, method).remote(*args),
                                           self.timeout_s)
         except BaseException:
