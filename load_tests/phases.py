@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 
 from load_tests.openloop import dispatch_open_loop
@@ -63,10 +63,17 @@ async def drive_phases(url: str, phases: Sequence[tuple[Workload, float]], *, se
     """Send every phase's requests open loop to ``url`` (module notes). Prompts are token ids
     as long as the workload's length model draws them, and ``ignore_eos`` holds each answer to
     its drawn output length."""
-    limits = httpx.Limits(max_connections=3000, max_keepalive_connections=3000)
+    # aiohttp, not httpx: httpcore's pool scans every pooled connection for each request
+    # (is_idle / has_expired per connection), and with the hundreds of keep-alive connections an
+    # open loop at 28 req/s builds, that scan took most of a core - on a 2-core host the client
+    # then held requests for 10 s and released them in bursts, which the controller rightly
+    # counted as what arrived (benchmarks/controller_shift.py, docs/controller.md)
+    connector = aiohttp.TCPConnector(limit=3000, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=DRAIN_TIMEOUT_S)
     tasks: list[asyncio.Task] = []
     run = PhaseRun([], [])
-    async with httpx.AsyncClient(base_url=url, timeout=DRAIN_TIMEOUT_S, limits=limits) as client:
+    async with aiohttp.ClientSession(base_url=url, connector=connector,
+                                     timeout=timeout) as client:
         t0 = time.monotonic()
         wall0 = time.time() - t0  # wall clock = wall0 + monotonic
         offset = 0.0
@@ -79,12 +86,13 @@ async def drive_phases(url: str, phases: Sequence[tuple[Workload, float]], *, se
                           outs: np.ndarray = outs) -> None:
                 sent = wall0 + time.monotonic()
                 try:
-                    r = await client.post("/v1/completions", json={
-                        "model": ids[i], "prompt": [7] * int(prompts[i]),
-                        "max_tokens": int(outs[i]), "ignore_eos": True})
-                    run.sent.append((sent, r.status_code,
-                                     r.headers.get("x-lorafleet-replica", "")))
-                except httpx.HTTPError as exc:
+                    async with client.post("/v1/completions", json={
+                            "model": ids[i], "prompt": [7] * int(prompts[i]),
+                            "max_tokens": int(outs[i]), "ignore_eos": True}) as r:
+                        await r.read()
+                        run.sent.append((sent, r.status,
+                                         r.headers.get("x-lorafleet-replica", "")))
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     run.sent.append((sent, -1, type(exc).__name__))
 
             run.phase_starts.append(wall0 + t0 + offset)

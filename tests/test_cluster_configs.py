@@ -124,6 +124,10 @@ def _check_start(where: str, commands: list[str], head: bool) -> None:
     _require(0 <= auth < start.index("ray start"),
              f"{where}: RAY_AUTH_MODE=disabled is not exported before `ray start`")
     _require(f"{VENV}/bin/ray start" in start, f"{where}: `ray start` not from {VENV}")
+    nice = start.find("export RAY_worker_niceness=0;")
+    _require(0 <= nice < start.index("ray start"),
+             f"{where}: RAY_worker_niceness=0 is not exported before `ray start` (Ray's "
+             "default, nice 15, starves the serving workers)")
     if head:
         _require("--head --port=6379" in start and
                  "--autoscaling-config=~/ray_bootstrap_config.yaml" in start,
@@ -310,6 +314,10 @@ BROKEN: list[tuple[str, str, Callable[[dict[str, Any]], None], type[Exception], 
      lambda c: c.update(worker_start_ray_commands=[
          s.replace("export RAY_AUTH_MODE=disabled;", "") for s in c["worker_start_ray_commands"]]),
      RuleError, "RAY_AUTH_MODE"),
+    ("gcp-gpu.yaml", "workers at Ray's default niceness",
+     lambda c: c.update(worker_start_ray_commands=[
+         s.replace("export RAY_worker_niceness=0;", "") for s in c["worker_start_ray_commands"]]),
+     RuleError, "RAY_worker_niceness"),
 ]
 
 
@@ -355,6 +363,8 @@ def _check_pod(where: str, group: dict[str, Any], plan_dir: str) -> list[str]:
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         if env.get("RAY_AUTH_MODE") != "disabled":
             problems.append(f"{where}/{c.get('name')}: RAY_AUTH_MODE is not disabled")
+        if env.get("RAY_worker_niceness") != "0":
+            problems.append(f"{where}/{c.get('name')}: RAY_worker_niceness is not 0")
         mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
         if any(m not in volumes for m in mounts.values()):
             problems.append(f"{where}/{c.get('name')}: mounts a volume the pod does not define")
@@ -478,6 +488,8 @@ BROKEN_KUBERAY: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("numeric rayStartParams", _set(f"{HEAD}.rayStartParams.num-gpus", 0), "rayStartParams"),
     ("container without image", _set(f"{HEAD}.template.spec.containers.0.image", None), "image"),
     ("auth mode not pinned", _set(f"{WORKER}.template.spec.containers.0.env", []), "RAY_AUTH_MODE"),
+    ("workers niced", _set(f"{HEAD}.template.spec.containers.0.env", [
+        {"name": "RAY_AUTH_MODE", "value": "disabled"}]), "RAY_worker_niceness"),
     ("plan not mounted", _set(f"{WORKER}.template.spec.containers.0.volumeMounts", []), "plan"),
     ("replicas above max", _set(f"{WORKER}.replicas", 99), "maxReplicas"),
     ("other Ray", _set("spec.rayClusterConfig.rayVersion", "2.9.0"), "rayVersion"),

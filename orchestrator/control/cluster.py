@@ -45,10 +45,22 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
+SERVING_NICENESS = "0"
+
+
 def ray_env() -> dict[str, str]:
+    """The environment of a head this process starts (and so of every worker it spawns).
+
+    ``RAY_worker_niceness``: Ray starts its workers at nice 15, as if they were background
+    jobs; here they are the product (ingress, engines, controller). At nice 15 any busy process
+    at the default priority - the load generator, a build - takes ~28x their CPU share: on a
+    2-core host the ingress then stopped taking requests for 10 s at a time while the client
+    sent 14 req/s (benchmarks/controller_shift.py). The caller's environment wins if it sets it.
+    """
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_worker_niceness", SERVING_NICENESS)
     return env
 
 
