@@ -69,7 +69,8 @@ def make_plan_within(workload: Workload, ctx: PlacementContext, k: int,
     workload scaled down (bisection on the scale) until it needs no more than ``k``, then each
     replica's engine config chosen again for the real load (what the predictor then thinks of
     it is in the plan; the twin is the judge). None when even a sliver of the load needs more
-    than ``k``."""
+    than ``k``. Its ``plan_wall_s`` is this whole search's."""
+    started = time.perf_counter()
     lo, hi, found = 0.0, 1.0, None
     for _ in range(SCALE_STEPS):
         mid = (lo + hi) / 2.0
@@ -88,4 +89,5 @@ def make_plan_within(workload: Workload, ctx: PlacementContext, k: int,
     specs = [ReplicaSpec({a.id: r.weight / g.copies for a in g.adapters
                           for r in found.routing[a.id] if r.group == g.name},
                          copies=g.copies, name=g.name) for g in found.groups]
-    return build_plan(workload, ctx, policy, specs)
+    plan = build_plan(workload, ctx, policy, specs)
+    return replace(plan, plan_wall_s=round(time.perf_counter() - started, 4))

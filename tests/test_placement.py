@@ -692,6 +692,7 @@ def test_lorafleet_relaxes_to_fewer_replicas_while_the_twin_accepts_them(llama):
     # 2,000 tok/s: two replicas of 1,000 are fed, one of 2,000 is not (the twin serves 1,100)
     assert settled.replicas == 2 and settled.starved_replicas() == 0
     assert all(g.verified for g in settled.groups)
+    assert settled.plan_wall_s is not None and settled.plan_wall_s > 0  # its packing's time
     with pytest.raises(ValueError, match="relax_rounds"):
         ChoiceRule(relax_rounds=-1)
 
