@@ -506,6 +506,29 @@ def test_a_transition_s_first_seconds_are_not_judged(core) -> None:
     assert c.check()["telemetry"] == "complete" and c.judged_from == c.since + 8.0
 
 
+def test_the_new_fleet_counts_from_the_swap_not_the_end_of_the_drain(core) -> None:
+    """The old replicas' drain (tens of seconds after an overload) serves no new arrival: the
+    new fleet's window starts when every ingress routes by the new table, so the next decision
+    is not held back by the drain."""
+    c, cluster, now = core
+    big = make_plan(workload(30.0), c.ctx)
+    c.bootstrap()
+    acked, drained = [], []
+
+    def wait_acked(version: int, timeout_s: float) -> None:
+        now[0] += 2.0  # the ingresses take 2 s to ack the new table
+        acked.append(now[0])
+
+    def wait_drained(version: int, timeout_s: float) -> None:
+        now[0] += 45.0  # the old replicas' queues take 45 s to drain
+        drained.append(now[0])
+
+    cluster.wait_acked, cluster.wait_drained = wait_acked, wait_drained
+    out = c.apply(big)
+    assert out["ok"] and c.plan.replicas == big.replicas
+    assert acked and drained and c.since == acked[0] and now[0] - c.since >= 45.0
+
+
 def test_a_scale_down_waits_for_a_full_window_of_the_lower_load(core) -> None:
     """A drop seen for a few seconds (a stall of the serving path looks the same) does not
     release replicas; the same drop over the whole window does."""

@@ -354,13 +354,18 @@ class ControllerCore:
         return f"{ENGINE_APP_PREFIX}{int(self.clock() * 1000) % 10**9:09d}-{next(self._serial)}"
 
     def _install(self, plan: Plan, members: Sequence[Member],
-                 roles: Mapping[str, ReplicaSpec]) -> None:
+                 roles: Mapping[str, ReplicaSpec], *, since: float | None = None) -> None:
+        """The fleet of ``plan`` is the current one; its figures count from ``since`` (default
+        now): a transition passes the moment every ingress routed by the new table, not the end
+        of the old replicas' drain - the clients' arrivals and the new replicas' service are the
+        new fleet's from the swap on, and a drain of an overloaded fleet's queues (40-60 s on
+        two busy cores) would otherwise hold the next decision back by as long."""
         with self.lock:
             gone = set(self.members) - {m.endpoint for m in members}
             self.plan = plan
             self.members = {m.endpoint: m for m in members}
             self.roles = {m.endpoint: roles[m.endpoint] for m in members}
-            self.since = self.clock()
+            self.since = self.clock() if since is None else min(since, self.clock())
             for ep in gone:
                 self.window.forget(ep)
 
@@ -745,7 +750,7 @@ class ControllerCore:
             self.event("transition_failed", error=str(exc))
             return {"ok": False, "error": str(exc)}
         roles = {**{r.member.endpoint: r.spec for r in t.retarget}, **dict(t.start)}
-        self._install(plan, t.members, roles)
+        self._install(plan, t.members, roles, since=ops.swapped_at)
         try:
             self._stamp()
         except Exception as exc:  # serving is fine; only a controller restart would suffer
@@ -840,8 +845,12 @@ class _Publishing:
         self.core, self.plan, self.old_routing = core, plan, old_routing
         self.start = core.ops.start
         self.stop = core.ops.stop
-        self.wait_acked = core.ops.wait_acked
         self.wait_drained = core.ops.wait_drained
+        self.swapped_at: float | None = None  # when every ingress routed by the new table
+
+    def wait_acked(self, version: int, timeout_s: float) -> None:
+        self.core.ops.wait_acked(version, timeout_s)
+        self.swapped_at = self.core.clock()
 
     def assign(self, endpoint: str, spec: ReplicaSpec, adapter_ids: frozenset[str]) -> None:
         self.core.ops.assign(endpoint, spec, adapter_ids)
