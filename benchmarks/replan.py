@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.placement_suite import workloads  # noqa: E402
+from orchestrator.control.cluster import NICENESS_ENV, ray_env  # noqa: E402
 from placement.context import PlacementContext  # noqa: E402
 from placement.planner import make_plan  # noqa: E402
 from placement.predictors import make_predictor  # noqa: E402
@@ -61,7 +62,6 @@ from twin.workload import Workload  # noqa: E402
 TARGETS = (1.0, 0.85)  # the candidates' target utilisation
 DRIFT_GROWTH = 1.2
 DEFAULT_WINDOW_S = 600.0
-RAY_NICENESS_ENV = "RAY_worker_niceness"  # the raylet's setting (Ray's default: 15)
 
 
 def drifted(base: Workload, seed: int) -> Workload:
@@ -162,11 +162,10 @@ def main() -> None:
     predictor = make_predictor("surrogate", profile, seed=args.seed)
     ctx = PlacementContext.for_profile(profile, predictor)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray starts its workers at nice 15; on a machine shared with other jobs they would then get
+    # the settings of the head lorafleet starts (orchestrator.control.cluster.ray_env): among
+    # them its workers at nice 0, not Ray's 15 - on a shared machine they would otherwise get
     # less CPU than the sequential run in this (nice 0) process. Same priority for both.
-    os.environ.setdefault(RAY_NICENESS_ENV, "0")
+    os.environ.update(ray_env())
     import ray
 
     from orchestrator.control.fanout import ray_map
@@ -219,7 +218,7 @@ def main() -> None:
                     "identical": figures(fan["plans"]) == figures(seq["plans"]),
                     "batch_size": args.batch_size,
                     "ray_cpus": args.num_cpus,
-                    "ray_worker_niceness": int(os.environ[RAY_NICENESS_ENV]),
+                    "ray_worker_niceness": int(os.environ[NICENESS_ENV]),
                     "ray_start_s": round(ray_start_s, 3),
                     "warmup_s": round(warmup_s, 3),
                     "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -45,6 +45,7 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
+NICENESS_ENV = "RAY_worker_niceness"  # the raylet's setting for its workers (Ray's default: 15)
 SERVING_NICENESS = "0"
 
 
@@ -60,7 +61,7 @@ def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("RAY_worker_niceness", SERVING_NICENESS)
+    env.setdefault(NICENESS_ENV, SERVING_NICENESS)
     return env
 
 
