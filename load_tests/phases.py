@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,6 +24,38 @@ from twin.lengths import LengthModel
 from twin.workload import AdapterSpec, Workload, generate_requests
 
 DRAIN_TIMEOUT_S = 300.0  # after the last send, every request must have ended by then
+UNTIL_POLL_S = 1.0  # how often a phase's end condition is asked
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One workload, offered for ``seconds``; with ``until``, for at least ``seconds`` and then
+    until ``until()`` answers true (asked every second, in a thread: it may block) or
+    ``max_s`` has passed. A test waits for what the system does, not for how fast a host is:
+    on a slow machine the phase simply lasts longer."""
+
+    workload: Workload
+    seconds: float
+    until: Callable[[], bool] | None = None
+    max_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError(f"Phase.seconds must be > 0, got {self.seconds}")
+        if (self.until is None) != (self.max_s is None):
+            raise ValueError("Phase.until and Phase.max_s go together (an end condition needs "
+                             "a longest duration)")
+        if self.max_s is not None and self.max_s < self.seconds:
+            raise ValueError(f"Phase.max_s ({self.max_s}) is below Phase.seconds "
+                             f"({self.seconds})")
+
+    @property
+    def longest_s(self) -> float:
+        return self.seconds if self.max_s is None else self.max_s
+
+
+def as_phase(p: Phase | tuple[Workload, float]) -> Phase:
+    return p if isinstance(p, Phase) else Phase(p[0], p[1])
 
 
 @dataclass
@@ -58,11 +90,26 @@ class PhaseRun:
         return k
 
 
-async def drive_phases(url: str, phases: Sequence[tuple[Workload, float]], *, seed: int = 0
-                       ) -> PhaseRun:
+async def run_until(dispatch: asyncio.Task, phase: Phase, start: float) -> None:
+    """Let ``dispatch`` send ``phase``'s requests until the phase is over (class notes)."""
+    if phase.until is None:
+        await dispatch
+        return
+    assert phase.max_s is not None
+    await asyncio.sleep(max(0.0, start + phase.seconds - time.monotonic()))
+    end = start + phase.max_s
+    while time.monotonic() < end and not await asyncio.to_thread(phase.until):
+        await asyncio.sleep(min(UNTIL_POLL_S, max(0.0, end - time.monotonic())))
+    dispatch.cancel()
+    await asyncio.gather(dispatch, return_exceptions=True)
+
+
+async def drive_phases(url: str, phases: Sequence[Phase | tuple[Workload, float]], *,
+                       seed: int = 0) -> PhaseRun:
     """Send every phase's requests open loop to ``url`` (module notes). Prompts are token ids
     as long as the workload's length model draws them, and ``ignore_eos`` holds each answer to
-    its drawn output length."""
+    its drawn output length. A phase with an end condition (``Phase.until``) ends when it
+    holds; the next phase starts then."""
     # aiohttp, not httpx: httpcore's pool scans every pooled connection for each request
     # (is_idle / has_expired per connection), and with the hundreds of keep-alive connections an
     # open loop at 28 req/s builds, that scan took most of a core - on a 2-core host the client
@@ -77,8 +124,9 @@ async def drive_phases(url: str, phases: Sequence[tuple[Workload, float]], *, se
         t0 = time.monotonic()
         wall0 = time.time() - t0  # wall clock = wall0 + monotonic
         offset = 0.0
-        for k, (w, seconds) in enumerate(phases):
-            batch = generate_requests(w, duration_s=seconds, seed=seed + k)
+        for k, phase in enumerate(map(as_phase, phases)):
+            w = phase.workload
+            batch = generate_requests(w, duration_s=phase.longest_s, seed=seed + k)
             ids = [w.adapters[i].id for i in batch.adapter]
             prompts, outs = batch.prompt_len, batch.output_len
 
@@ -96,10 +144,14 @@ async def drive_phases(url: str, phases: Sequence[tuple[Workload, float]], *, se
                     run.sent.append((sent, -1, type(exc).__name__))
 
             run.phase_starts.append(wall0 + t0 + offset)
-            run.phase_ends.append(wall0 + t0 + offset + seconds)
-            await dispatch_open_loop(np.asarray(batch.arrival_s) + offset, t0, time.monotonic,
-                                     one, tasks)
-            offset += seconds
+            dispatch = asyncio.create_task(dispatch_open_loop(
+                np.asarray(batch.arrival_s) + offset, t0, time.monotonic, one, tasks))
+            await run_until(dispatch, phase, t0 + offset)
+            # a phase that ended on its condition ends now; a timed one at its planned end
+            # (its last request may be sent before it)
+            offset = (time.monotonic() - t0 if phase.until is not None
+                      else offset + phase.seconds)
+            run.phase_ends.append(wall0 + t0 + offset)
         await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_TIMEOUT_S)
     run.sent.sort()
     return run

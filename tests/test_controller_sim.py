@@ -7,6 +7,7 @@ replaced), a controller restart that recovers the fleet from the replicas, `what
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import Counter
@@ -17,6 +18,8 @@ from load_tests.phases import (
     SHIFT_IDS,
     SHIFT_RATE,
     SHIFT_START_HOT,
+    Phase,
+    PhaseRun,
     drive_phases,
     hot_workload,
     shift_phases,
@@ -37,8 +40,8 @@ SETTINGS = ControllerSettings(
     verify_window_s=120.0, replan_cooldown_s=8.0, ack_timeout_s=20.0, drain_timeout_s=60.0,
     settle_s=4.0, queue_min_s=15.0, drift=DriftConfig(gap=0.5, change_min_s=4.0),
 )
-PHASE_S = 30.0  # the doubled phase lasts 1.5x: a decision, then a transition
-HALVED_S = 75.0  # a full window of the lower load, then a decision and a transition
+PHASE_S = 30.0  # the two first phases; the doubled and halved ones last until the fleet moved
+MOVE_MAX_S = 420.0  # ... or this long: a controller that has not moved by then is wrong
 
 
 def shifted_hot(plan) -> list[str]:
@@ -70,13 +73,13 @@ def fleet(ray_cluster, tmp_path_factory):
         serve.delete("lorafleet")
 
 
-def drive(url: str, phases: list[tuple[Workload, float]], seed: int = 0
-          ) -> tuple[Counter, list[tuple[float, int, str]], float]:
+def drive(url: str, phases: list[Phase | tuple[Workload, float]], seed: int = 0
+          ) -> tuple[Counter, list[tuple[float, int, str]], PhaseRun]:
     """Open-loop Poisson load, phase after phase (load_tests/phases.py); returns status counts,
-    (seconds since the start, status, replica) per request, and the start (wall clock)."""
+    (seconds since the start, status, replica) per request, and the run."""
     run = asyncio.run(drive_phases(url, phases, seed=seed))
     t0 = run.phase_starts[0]
-    return run.statuses, [(t - t0, s, rep) for t, s, rep in run.sent], t0
+    return run.statuses, [(t - t0, s, rep) for t, s, rep in run.sent], run
 
 
 def events(actor) -> list[dict]:
@@ -103,18 +106,37 @@ def settle(actor, timeout_s: float = 180.0) -> None:
     raise AssertionError(f"the controller did not settle within {timeout_s:.0f} s")
 
 
+def grew(actor, since: float, replicas: int) -> bool:
+    """Has a transition after wall time ``since`` ended with more than ``replicas``?"""
+    return any(e["kind"] == "transition" and e["t"] >= since and e["replicas"] > replicas
+               for e in events(actor))
+
+
+def shrank(actor, since: float) -> bool:
+    """Has a transition after wall time ``since`` ended below the peak an earlier one reached?"""
+    sizes = [e["replicas"] for e in events(actor) if e["kind"] == "transition"
+             and e["t"] >= since]
+    top = sizes.index(max(sizes)) if sizes else 0
+    return any(n < sizes[top] for n in sizes[top + 1:])
+
+
 def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
     import ray
 
     actor, plan, url = fleet
     hot = shifted_hot(plan)
     wall0 = time.time()
-    # as planned -> the hot set moves -> the total rate doubles -> then halves
-    phases = shift_phases(hot, PHASE_S)
-    # the halved phase is long enough for the scale-down on a slow host: the window must hold
-    # only the lower load (20 s), then a re-plan and a transition (~20 s on two busy cores)
-    phases[-1] = (phases[-1][0], HALVED_S)
-    counts, results, _ = drive(url, phases)
+    # as planned -> the hot set moves -> the total rate doubles -> then halves. The doubled
+    # phase lasts until the fleet has grown, the halved one until it has shrunk (each at least
+    # a window and a decision): on a slow host engines start in tens of seconds, and a fixed
+    # phase would end before the transition its load asked for (the assertions say whether it
+    # happened; the phases only wait for it)
+    first, moved, doubled, halved = shift_phases(hot, PHASE_S)
+    counts, results, run = drive(url, [
+        first, moved,
+        Phase(*doubled, until=functools.partial(grew, actor, wall0, plan.replicas),
+              max_s=MOVE_MAX_S),
+        Phase(*halved, until=functools.partial(shrank, actor, wall0), max_s=MOVE_MAX_S)])
     settle(actor)
     ev = [e for e in events(actor) if e["t"] >= wall0]
     for e in ev:  # the run's timeline, shown with -s
@@ -131,10 +153,9 @@ def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
     assert any(e["adapters_placed_anew"] > 0 for e in transitions)
     peak = max(e["replicas"] for e in transitions)
     down = [e for e in transitions if e["t"] > up[0]["t"] and e["replicas"] < peak]
-    halved = wall0 + 3.5 * PHASE_S
     checks = [{"t": round(c["t"] - wall0, 1), "rps": c.get("estimated_rps"),
                "span": c.get("span_s"), "why": c.get("decision") or c.get("drift")
-               or c.get("why")} for c in ray.get(actor.history.remote(halved))[::3]]
+               or c.get("why")} for c in ray.get(actor.history.remote(run.phase_starts[3]))[::3]]
     assert down and down[-1]["stopped"] > 0, f"no scale-down after the load halved: {checks}"
     drifts = [e for e in ev if e["kind"] == "drift"]
     assert any("hot set" in r or "rate" in r for e in drifts for r in e["reasons"])
@@ -143,16 +164,16 @@ def test_shift_double_halve_replans_with_zero_failed_requests(fleet) -> None:
     assert status["replicas"] < peak
     assert len(status["members"]) == status["replicas"]  # retired engines are gone
     # timeline from the moment the rate doubled to the first transition after it
-    doubled = wall0 + 2 * PHASE_S
-    first = min((e for e in drifts if e["t"] >= doubled), key=lambda e: e["t"])
+    doubled_at = run.phase_starts[2]
+    first = min((e for e in drifts if e["t"] >= doubled_at), key=lambda e: e["t"])
     moved = min((e for e in transitions if e["t"] >= first["t"]), key=lambda e: e["t"])
     plans = [e for e in ev if e["kind"] == "replan" and first["t"] <= e["t"] <= moved["t"]]
     print("timeline after the rate doubled:", json.dumps({
-        "detection_delay_s": round(first["t"] - doubled, 1),
+        "detection_delay_s": round(first["t"] - doubled_at, 1),
         "replan_s": [p["seconds"] for p in plans],
         "first_transition": {k: moved[k] for k in ("seconds", "phases", "replicas", "started",
                                                    "stopped", "adapters_placed_anew")},
-        "scaled_up_after_s": round(up[0]["t"] - doubled, 1),
+        "scaled_up_after_s": round(up[0]["t"] - doubled_at, 1),
         "failed_requests": len(results) - counts[200], "requests": len(results)}))
 
 
