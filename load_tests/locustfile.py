@@ -7,8 +7,9 @@ weights (its per-adapter rates) and a prompt/output length from its length model
 Locust is closed loop (each user waits for its response, then ``wait_time``): good for finding
 the request rate a deployment sustains, not for latency under a fixed offered load - use
 ``python -m load_tests.openloop`` for that. Requests stream (``/v1/completions``, ``ignore_eos``)
-and are named by the replica that served them (``x-lorafleet-replica``), so locust's table shows
-per-replica latency. ``LORAFLEET_API_KEY`` adds a bearer key; ``LORAFLEET_SEED`` seeds the picks.
+and each is reported once, named by the replica that served it (``/v1/completions [group/copy]``
+from ``x-lorafleet-replica``), so locust's table shows per-replica latency and its aggregate row
+the real request rate. ``LORAFLEET_API_KEY`` adds a bearer key; ``LORAFLEET_SEED`` seeds the picks.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class AdapterUser(HttpUser):
         with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
                               name="/v1/completions") as r:
             replica = r.headers.get("x-lorafleet-replica", "none")
+            r.request_meta["name"] = f"/v1/completions [{replica}]"  # the one event it fires
             if r.status_code != 200:
                 r.failure(f"{r.status_code} from {replica}: {r.text[:200]}")
                 return
@@ -80,7 +82,7 @@ class AdapterUser(HttpUser):
             if chunks == 0:
                 r.failure(f"empty stream from {replica}")
                 return
+            # the stream's whole time, not the headers' (locust times the call until they came)
+            r.request_meta["response_time"] = (time.perf_counter() - t0) * 1e3
+            r.request_meta["response_length"] = chunks
             r.success()
-        events.request.fire(request_type="replica", name=replica,
-                            response_time=(time.perf_counter() - t0) * 1e3,
-                            response_length=chunks, exception=None, context={})

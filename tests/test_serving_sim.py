@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -182,6 +183,7 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
     _, _, url = sim_app
     root = Path(__file__).parent.parent
     env = {**os.environ, "LORAFLEET_WORKLOAD": str(root / "examples" / "workload_cpu_light.yaml")}
+    before = served_total(url)
     res = subprocess.run(
         [str(Path(sys.executable).with_name("locust")), "-f", str(root / "load_tests"
                                                                   / "locustfile.py"),
@@ -189,11 +191,23 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
          "--csv", str(tmp_path / "loc")], capture_output=True, text=True, env=env, timeout=120,
         cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
+    served = served_total(url) - before
     with open(tmp_path / "loc_stats.csv") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
-    assert int(rows["/v1/completions"]["Request Count"]) > 5
-    assert int(rows["/v1/completions"]["Failure Count"]) == 0
-    assert any(name.startswith("group-") or name.startswith("hot/") for name in rows)
+    total = rows.pop("Aggregated")
+    # one row per replica that served, one event per request: locust's count is the ingress's
+    # (less the requests locust cut off at its time limit, one per user at most)
+    assert rows and all(re.fullmatch(r"/v1/completions \[(group-\d|hot)/\d\]", n) for n in rows)
+    assert sum(int(r["Request Count"]) for r in rows.values()) == int(total["Request Count"])
+    assert served - 4 <= int(total["Request Count"]) <= served, (served, total["Request Count"])
+    assert int(total["Request Count"]) > 5 and int(total["Failure Count"]) == 0
+
+
+def served_total(url: str) -> float:
+    """Requests the ingress answered 200, from its own metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(m.group(1)) for m in re.finditer(
+        r'lorafleet_requests_total\{[^}]*status="200"\} ([0-9.]+)', text))
 
 
 def test_a_controller_without_cpu_for_twin_runs_answers_and_shutdown_finds_orphans(
@@ -259,3 +273,34 @@ def test_a_controller_without_cpu_for_twin_runs_answers_and_shutdown_finds_orpha
         assert not (tmp_path / "state" / "deploy.json").exists()
     finally:
         head.stop()
+
+
+@pytest.mark.parametrize("via", ["listener", "serve_proxy"])
+def test_the_edge_on_serve_limits_and_a_client_gone(sim_app, ray_cluster, via: str) -> None:
+    """Through Ray Serve: a body over the limit is a 413 naming it (not a replica failure, not
+    retried); a non-streamed request whose client leaves is aborted on the engine replica (the
+    cancel crosses the handle call), which records it as not served."""
+    from orchestrator.control.deploy import DeployState, collect_reports
+
+    plan, path, url = sim_app
+    url = url if via == "listener" else ray_cluster.url
+    adapter = plan.group("group-2").adapters[5].id
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": adapter, "prompt": [7] * (3 * 2**20 // 2), "max_tokens": 2})
+    assert r.status_code == 413, r.text[:300]
+    assert "2097152 bytes" in r.json()["error"]["message"]
+
+    state = DeployState(address=ray_cluster.address, url=url, engine="sim", plan_path=str(path),
+                        app_name="lorafleet", replicas=["group-2/0"],
+                        deployments={"group-2/0": "engine-group-2-0"})
+    errors0 = collect_reports(state, window_s=300)["group-2/0"]["total_errors"]
+    with pytest.raises(httpx.TimeoutException):  # 500 tokens: seconds on the sim
+        httpx.post(f"{url}/v1/completions", timeout=0.5, json={
+            "model": adapter, "prompt": [7] * 8, "max_tokens": 500})
+    deadline = time.monotonic() + 60
+    while True:
+        rep = collect_reports(state, window_s=300)["group-2/0"]
+        if rep["total_errors"] > errors0 and rep["running"] == 0:
+            break  # aborted: had it run to the end it would be counted completed, not failed
+        assert time.monotonic() < deadline, f"the engine request was not aborted: {rep}"
+        time.sleep(0.5)

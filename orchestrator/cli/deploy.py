@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--replica-gpus", type=float, default=0.0,
                    help="GPUs per engine replica (1 on GPU clusters)")
     d.add_argument("--max-model-len", type=int, default=None)
+    d.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body the ingress accepts (413 above it; default "
+                   "2 MiB, at most 4 MiB less 64 KiB: Ray's message limit)")
     d.add_argument("--state-dir", default=None,
                    help="where deploy.json is kept (default .lorafleet or $LORAFLEET_STATE_DIR)")
     c = d.add_argument_group("controller (docs/controller.md)")
@@ -93,6 +96,8 @@ def builder_args(args: argparse.Namespace) -> dict[str, Any]:
         out["replica_gpus"] = args.replica_gpus
     if args.max_model_len:
         out["max_model_len"] = args.max_model_len
+    if args.max_body_bytes:
+        out["max_body_bytes"] = args.max_body_bytes
     return out
 
 

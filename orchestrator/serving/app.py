@@ -33,6 +33,7 @@ from orchestrator.serving.backend import GenerateRequest
 from orchestrator.serving.controller_link import ControllerLink
 from orchestrator.serving.ingress import IngressCore, build_api
 from orchestrator.serving.listener import Listener
+from orchestrator.serving.openai_schema import DEFAULT_MAX_BODY_BYTES
 from orchestrator.serving.registry import AdapterEntry
 from orchestrator.serving.replica import ReplicaCore
 from orchestrator.serving.routing import ReplicaId, RoutingTable
@@ -176,7 +177,8 @@ class IngressDeployment:
     def __init__(self, routing: Mapping[str, Any], engine: str, api_keys: Mapping[str, Any],
                  timeout_s: float, handles: Mapping[str, DeploymentHandle] | None = None,
                  controller: tuple[str, str] | None = None,
-                 listen: tuple[str, int] | None = None) -> None:
+                 listen: tuple[str, int] | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         table = _table(routing)
         keys = ApiKeys.from_dict(api_keys or None)
         self._poll: asyncio.Task | None = None
@@ -184,12 +186,13 @@ class IngressDeployment:
             clients = {ReplicaId(g, int(c)): HandleClient(h)
                        for key, h in (handles or {}).items() for g, c in [key.rsplit("/", 1)]}
             self.core = IngressCore(table, clients, engine=engine, api_keys=keys,
-                                    timeout_s=timeout_s)
+                                    timeout_s=timeout_s, max_body_bytes=max_body_bytes)
         else:
             ends, clients = self._endpoints(routing, {})
             self.core = IngressCore(table, clients, engine=engine, api_keys=keys,
                                     timeout_s=timeout_s, endpoints=ends,
-                                    version=int(routing["version"]))
+                                    version=int(routing["version"]),
+                                    max_body_bytes=max_body_bytes)
             self._poll = asyncio.get_event_loop().create_task(
                 self._poll_loop(ControllerLink(*controller)))
         self._api = build_api(self.core)
@@ -275,7 +278,7 @@ def build_application(spec: ServingSpec) -> Any:
                "copies": dict(table.copies), "base_model": table.base_model}
     return IngressDeployment.options(**ingress_options(spec)).bind(
         routing, spec.engine, spec.api_keys.to_dict() if spec.api_keys.enabled else None,
-        spec.timeout_s, handles, None, spec.listen)
+        spec.timeout_s, handles, None, spec.listen, spec.max_body_bytes)
 
 
 def engine_app(spec: ServingSpec, replica: ReplicaSpec, endpoint: str,
@@ -291,7 +294,7 @@ def managed_ingress_app(spec: ServingSpec, routing: Mapping[str, Any],
     """The ingress application of a controller-managed deployment."""
     return IngressDeployment.options(**ingress_options(spec)).bind(
         dict(routing), spec.engine, spec.api_keys.to_dict() if spec.api_keys.enabled else None,
-        spec.timeout_s, None, controller, spec.listen)
+        spec.timeout_s, None, controller, spec.listen, spec.max_body_bytes)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -152,6 +152,11 @@ class EngineBackend(Protocol):
         """Adapters registered with the engine (held on this replica)."""
         ...
 
+    def residency(self) -> Mapping[str, Sequence[str]]:
+        """Which adapters sit where now: ``{"gpu": [...], "cpu": [...]}`` (the metric
+        ``lorafleet_adapter_resident``)."""
+        ...
+
     async def set_adapters(self, adapters: Sequence[Any]) -> None:
         """Serve exactly these adapters (``AdapterEntry``s) from now on: new requests for others
         are refused, requests already running finish. The controller re-targets a replica this

@@ -8,9 +8,13 @@ its in-flight counts (the load least-loaded routing reads) and Prometheus metric
 
 Every response carries ``x-lorafleet-replica`` (``group/copy`` that served it, ``none`` when no
 replica was involved) and ``x-lorafleet-engine`` (``vllm`` or ``sim``). Errors use OpenAI's
-``{"error": {message, type, param, code}}`` body: 400 malformed or too long, 401/403 keys, 404
-unknown model (naming it), 503 replica dead or timed out (the request is retried once on another
-copy of the group if it failed before producing output), never a hang.
+``{"error": {message, type, param, code}}`` body: 400 malformed or too long for the model, 413
+a body over ``max_body_bytes`` (naming the limit), 401/403 keys, 404 unknown model (naming it),
+503 replica dead or timed out (the request is retried once on another copy of the group if it
+failed before producing output), never a hang. A client that goes away, streamed or not, aborts
+its engine request at once (recorded as status 499). Every answer, those the ingress gives
+itself included, is counted in ``lorafleet_requests_total`` (model ``unknown`` when the body
+names no model this deployment serves: client input never becomes a label).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from orchestrator.serving.backend import (
     ServingError,
 )
 from orchestrator.serving.openai_schema import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     chunk_body,
@@ -51,6 +57,8 @@ from orchestrator.serving.telemetry import RequestRecord, Telemetry
 REPLICA_HEADER = "x-lorafleet-replica"
 ENGINE_HEADER = "x-lorafleet-engine"
 DEFAULT_TIMEOUT_S = 300.0  # a whole non-streamed request / the gap between streamed tokens
+CLIENT_GONE = 499  # nginx's "client closed request": the metrics' status for an aborted one
+UNKNOWN_MODEL_LABEL = "unknown"
 
 
 class ReplicaClient(Protocol):
@@ -71,8 +79,13 @@ class IngressCore:
         engine: str, api_keys: ApiKeys | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.perf_counter,
         endpoints: Mapping[ReplicaId, Hashable] | None = None, version: int = 0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        if not 0 < max_body_bytes <= MAX_BODY_BYTES:
+            raise ValueError(f"max_body_bytes: must be in (0, {MAX_BODY_BYTES}] (Ray's 4-MiB "
+                             f"message limit), got {max_body_bytes}")
         self.engine = engine
+        self.max_body_bytes = max_body_bytes
         self.keys = api_keys or ApiKeys({})
         self.timeout_s = timeout_s
         self.clock = clock
@@ -94,6 +107,10 @@ class IngressCore:
                                 ["replica"], registry=reg)
         self.m_in_flight = Gauge("lorafleet_in_flight", "requests in flight", ["replica"],
                                  registry=reg)
+        self.m_resident = Gauge("lorafleet_adapter_resident",
+                                "1 for each adapter a replica holds, by tier (gpu: in a GPU "
+                                "slot; cpu: loaded in the engine's CPU cache)",
+                                ["replica", "adapter", "tier"], registry=reg)
         self.swap(table, clients, endpoints, version)
 
     def swap(self, table: RoutingTable, clients: Mapping[Hashable, ReplicaClient],
@@ -273,6 +290,25 @@ class IngressCore:
     def _count(self, model: str, rid: ReplicaId | None, status: int) -> None:
         self.m_requests.labels(model, str(rid) if rid else "none", str(status)).inc()
 
+    def count_rejected(self, model: Any, status: int) -> None:
+        """An answer the ingress gave itself (validation, keys, unknown model, body limit)."""
+        label = model if isinstance(model, str) and self.table.knows(model) \
+            else UNKNOWN_MODEL_LABEL
+        self._count(label, None, status)
+
+    async def refresh_residency(self, timeout_s: float = 5.0) -> None:
+        """Set ``lorafleet_adapter_resident`` from every replica's report (on each scrape:
+        routers and dashboards need to see which adapters sit where, not only the plan)."""
+        try:
+            reports = await asyncio.wait_for(self.reports(), timeout_s)
+        except TimeoutError:
+            return
+        self.m_resident.clear()
+        for name, rep in reports.items():
+            for tier, ids in (rep.get("residency") or {}).items():
+                for a in ids:
+                    self.m_resident.labels(name, a, tier).set(1)
+
     async def reports(self) -> dict[str, Any]:
         """Every replica's telemetry report (errors reported, not raised)."""
         async def one(rid: ReplicaId) -> tuple[str, Any]:
@@ -359,6 +395,7 @@ def build_api(core: IngressCore) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        core.count_rejected(exc.body.get("model") if isinstance(exc.body, dict) else None, 400)
         errs = exc.errors()
         where = ".".join(str(p) for p in errs[0].get("loc", ())[1:]) if errs else ""
         msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: "
@@ -373,14 +410,28 @@ def build_api(core: IngressCore) -> FastAPI:
     async def run(request: Request, body: CompletionRequest | ChatCompletionRequest,
                   chat: bool) -> Response:
         model = body.model
-        core.authorize(request.headers.get("authorization"), model)
+        try:
+            core.authorize(request.headers.get("authorization"), model)
+        except ServingError as exc:
+            core.count_rejected(model, exc.status)
+            raise
         arrival = core.arrived(model)
         rid_text = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        req = body.to_generate(rid_text, core.adapter_of(model))
+        try:
+            req = body.to_generate(rid_text, core.adapter_of(model))
+        except ServingError as exc:
+            core.settled(model, arrival, ok=False)
+            core.count_rejected(model, exc.status)
+            raise
         t0 = core.clock()
         try:
             if not body.stream:
-                rid, result = await core.complete(model, req)
+                done = await _unless_gone(request, core.complete(model, req))
+                if done is None:  # the client went away: the engine request was cancelled
+                    core.settled(model, arrival, ok=False)
+                    core.count_rejected(model, CLIENT_GONE)
+                    return Response(status_code=CLIENT_GONE)
+                rid, result = done
             else:
                 stream = await core.open_stream(model, req)
         except BaseException:
@@ -431,10 +482,83 @@ def build_api(core: IngressCore) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await core.refresh_residency()
         return Response(generate_latest(core.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(_BodyLimit, core=core)
     app.add_middleware(_DefaultHeaders, engine=engine)
     return app
+
+
+async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any | None:
+    """``work``'s result, or None (``work`` cancelled) if the client disconnects first. Once
+    the body is read, the next ASGI message is the disconnect; cancelling the handle call
+    cancels the replica's coroutine, whose engine request is aborted (vLLM's ``generate``
+    aborts on cancellation, the sim's frees its request)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``core.max_body_bytes`` is answered 413 naming the
+    limit before anything parses it (declared by Content-Length or counted as it streams)."""
+
+    def __init__(self, app: Any, core: IngressCore) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        limit = self.core.max_body_bytes
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, int(declared))
+            return
+        messages, size = [], 0
+        while True:  # read the body (bounded by the limit), then replay it to the app
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                await self._refuse(send, size)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> dict:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        self.core.count_rejected(None, 413)
+        limit = self.core.max_body_bytes
+        body = json.dumps(error_body(
+            413, "invalid_request_error",
+            f"request body of {size} bytes (or more) exceeds the limit of {limit} bytes "
+            f"({limit / 2**20:g} MiB, the deployment's max_body_bytes)", None)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: str, chat: bool,
@@ -445,9 +569,9 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
     n_out, status, got_first = 0, 200, False
     first_at = math.nan
     served = False  # ended normally (not an error, an abort or a client gone mid-stream)
+    role_sent = not chat  # the chat role chunk goes out with the first output, as vLLM's
+    # server sends it: clients time TTFT from the first chunk
     try:
-        if chat:
-            yield _event(chunk_body(request_id, model, created, True, "", None, role=True))
         while True:
             try:
                 item = await asyncio.wait_for(it.__anext__(), core.timeout_s)
@@ -469,6 +593,9 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
                 e = item["error"]
                 yield _event(error_body(status, e.get("type", ""), e.get("message", "")))
                 break
+            if not role_sent:
+                role_sent = True
+                yield _event(chunk_body(request_id, model, created, True, "", None, role=True))
             if item["n"] and not got_first:
                 got_first = True
                 first_at = core.offered.clock()
@@ -485,6 +612,9 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
             body["usage"] = usage(int(first.get("prompt_tokens", 0)), n_out)
             yield _event(body)
         yield "data: [DONE]\n\n"
+    except (GeneratorExit, asyncio.CancelledError):  # the client went away mid-stream
+        status = CLIENT_GONE
+        raise
     finally:
         core._release(stream.target)
         await _close(it)

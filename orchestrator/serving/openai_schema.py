@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.serving.backend import BadRequest, GenerateRequest
 
+# Ray's gRPC messages are capped at 4 MiB (a request handed to a replica is one); a body over
+# that failed on the replica and was retried as a replica failure. 2 MiB holds a 100k-token
+# prompt as a JSON list of ids.
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
 DEFAULT_MAX_TOKENS = 16
 Text = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]

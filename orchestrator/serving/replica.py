@@ -149,6 +149,7 @@ class ReplicaCore:
         return {
             "replica": self.name, "group": self.spec.group, "copy": self.spec.copy,
             "engine": self.backend.kind, "adapters": list(self.backend.loaded_adapters()),
+            "residency": {k: list(v) for k, v in self.backend.residency().items()},
             "running": running, "waiting": waiting, "predicted": dict(self.spec.predicted),
             "info": self.info, **snap,
         }

@@ -104,6 +104,15 @@ class SimEngine:
     def loaded_adapters(self) -> Sequence[str]:
         return tuple(self.adapters)
 
+    def residency(self) -> Mapping[str, Sequence[str]]:
+        """The twin engine's own GPU slots and CPU cache, exactly."""
+        if self._core is None:
+            return {"gpu": [], "cpu": []}
+        names = {i: a for a, i in self._index.items()}
+        gpu, cpu = self._core.resident()
+        return {"gpu": sorted(names[i] for i in gpu if i in names),
+                "cpu": sorted(names[i] for i in cpu if i in names)}
+
     async def set_adapters(self, adapters: Sequence[Any]) -> None:
         ranks = {a.id: int(a.rank) for a in adapters}
         self._check_ranks(ranks)

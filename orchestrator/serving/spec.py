@@ -26,6 +26,7 @@ from typing import Any
 from orchestrator.serving.api_keys import ApiKeys
 from orchestrator.serving.backend import ENGINE_KINDS
 from orchestrator.serving.listener import ListenError, parse_listen
+from orchestrator.serving.openai_schema import DEFAULT_MAX_BODY_BYTES, MAX_BODY_BYTES
 from orchestrator.serving.registry import AdapterEntry, AdapterRegistry, RegistryError
 from orchestrator.serving.routing import ReplicaId, RoutingTable
 from placement.plan import Plan
@@ -34,7 +35,7 @@ from twin.config import EngineConfig
 _KEYS = {
     "plan_path", "engine", "model", "adapter_registry", "adapter_roots", "api_keys",
     "base_model_name", "max_model_len", "replica_cpus", "replica_gpus", "ingress_replicas",
-    "timeout_s", "sim_time_scale", "omp_threads", "kv_cache_gib", "listen",
+    "timeout_s", "sim_time_scale", "omp_threads", "kv_cache_gib", "listen", "max_body_bytes",
 }
 
 
@@ -94,6 +95,7 @@ class ServingSpec:
     omp_threads: int = 1
     kv_cache_gib: float = 1.0
     listen: tuple[str, int] | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     args: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -156,10 +158,14 @@ class ServingSpec:
             omp_threads=int(args.get("omp_threads", 1)),
             kv_cache_gib=float(args.get("kv_cache_gib", 1.0)),
             listen=_listen(args.get("listen")),
+            max_body_bytes=_opt_int(args, "max_body_bytes") or DEFAULT_MAX_BODY_BYTES,
             args=dict(args),
         )
         if spec.base_model_name in ranks:
             raise SpecError(f"base_model_name {spec.base_model_name!r} clashes with an adapter id")
+        if spec.max_body_bytes > MAX_BODY_BYTES:
+            raise SpecError(f"max_body_bytes: at most {MAX_BODY_BYTES} (a request crosses Ray "
+                            f"as one message, capped at 4 MiB), got {spec.max_body_bytes}")
         if spec.ingress_replicas < 1 or spec.timeout_s <= 0 or spec.sim_time_scale <= 0:
             raise SpecError("ingress_replicas, timeout_s and sim_time_scale must be positive")
         return spec

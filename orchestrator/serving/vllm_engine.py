@@ -18,10 +18,11 @@ so the context-length check can answer 400 with the limit before the engine sees
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from orchestrator.serving.backend import (
@@ -61,6 +62,7 @@ class VLLMEngine:
         self.max_model_len = 0
         self.vocab_size = 0
         self._running = 0
+        self._active: collections.Counter[str] = collections.Counter()  # running, per adapter
         self._params: Any = None
 
     async def start(self) -> BackendInfo:
@@ -106,6 +108,13 @@ class VLLMEngine:
 
     def loaded_adapters(self) -> Sequence[str]:
         return tuple(self.loras)
+
+    def residency(self) -> Mapping[str, Sequence[str]]:
+        """gpu: the adapters of requests running now (each holds a GPU slot; vLLM does not
+        expose the idle slots' contents, so this is a lower bound); cpu: the adapters
+        registered with the engine (its CPU cache keeps up to ``max_cpu_loras`` of them)."""
+        return {"gpu": sorted(a for a, n in self._active.items() if n > 0),
+                "cpu": sorted(self.loras)}
 
     async def set_adapters(self, adapters: Sequence[Any]) -> None:
         """Register new adapters with the engine (an adapter seen before keeps its LoRA int id,
@@ -190,6 +199,7 @@ class VLLMEngine:
         yield Delta(prompt_tokens=len(ids))
         finished = False
         self._running += 1
+        self._active[request.adapter or ""] += 1
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
                                                   request.request_id, lora_request=lora):
@@ -206,5 +216,6 @@ class VLLMEngine:
             raise BadRequest(str(exc)) from None
         finally:
             self._running -= 1
+            self._active[request.adapter or ""] -= 1
             if not finished and self.engine is not None:
                 await asyncio.shield(self.engine.abort(request.request_id))

@@ -144,6 +144,12 @@ class EngineCore:
         self.record_trace = record_trace
 
     # -- requests and adapters ----------------------------------------------------------------
+    def resident(self) -> tuple[list[int], list[int]]:
+        """Adapter indices in a GPU slot now, and in the CPU cache now."""
+        n = int(self.a.I[NA])
+        return (np.flatnonzero(self.a.in_gpu[:n]).tolist(),
+                np.flatnonzero(self.a.in_cpu[:n]).tolist())
+
     def add_adapter(self, rank: int) -> int:
         """A new adapter (not in the CPU cache); returns its index."""
         a = int(self.a.I[NA])
