@@ -400,6 +400,16 @@ def kuberay_problems(doc: dict[str, Any]) -> list[str]:
     if not isinstance(plan_path, str) or not plan_path.startswith("/"):
         return [*problems, "serveConfigV2: args.plan_path must be an absolute path"]
     plan_dir = str(Path(plan_path).parent)
+    args = ours[0].get("args") or {}
+    registry = args.get("adapter_registry")
+    if not args.get("model") and (not isinstance(registry, str)
+                                  or not registry.startswith(plan_dir + "/")):
+        problems.append("serveConfigV2: args need model or adapter_registry (mounted beside "
+                        "the plan): the vLLM engines have no base model otherwise")
+    gpus = args.get("replica_gpus")
+    if not isinstance(gpus, int | float) or gpus < 1:
+        problems.append("serveConfigV2: args.replica_gpus must be >= 1 (GPU workers scale from "
+                        "zero: the builder cannot detect them)")
     cluster = spec.get("rayClusterConfig", {})
     if cluster.get("rayVersion") != pins()["ray"]:
         problems.append(f"rayVersion must be {pins()['ray']}")
@@ -453,7 +463,30 @@ def test_kuberay_serve_app_is_lorafleet() -> None:
     serve = yaml.safe_load(load_kuberay()["spec"]["serveConfigV2"])
     (app,) = serve["applications"]
     assert app["import_path"] == SERVE_IMPORT_PATH
-    assert set(app["args"]) == {"plan_path"}
+    assert set(app["args"]) == {"plan_path", "adapter_registry", "replica_gpus"}
+
+
+def test_the_kuberay_builder_args_build_gpu_engines(tmp_path: Path) -> None:
+    """The manifest's own args, with a plan and a registry where the ConfigMap mounts them:
+    the application builds, and every engine replica asks for its GPU."""
+    from orchestrator.serving.app import build_app
+    from placement.synthetic import GroupShape, synthetic_plan
+
+    serve = yaml.safe_load(load_kuberay()["spec"]["serveConfigV2"])
+    args = dict(serve["applications"][0]["args"])
+    plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
+    plan.to_yaml(tmp_path / "plan.yaml")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapters.yaml").write_text(
+        f"base_model: meta-llama/Llama-3.1-8B-Instruct\nadapters:\n"
+        f"  - {{id: a, path: {tmp_path}/a, rank: 8}}\n")
+    for k in ("plan_path", "adapter_registry"):
+        args[k] = str(tmp_path / Path(args[k]).name)
+    app = build_app(args)
+    engines = list(app._bound_deployment.init_args[4].values())
+    assert len(engines) == 2
+    assert all(e._bound_deployment.ray_actor_options["num_gpus"] == 1 for e in engines)
 
 
 def _serve(fn: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
@@ -480,6 +513,10 @@ BROKEN_KUBERAY: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "valid Serve config"),
     ("misspelled app field", _serve(_set("applications.0.route_prefx", "/")), "route_prefx"),
     ("no plan_path", _serve(_set("applications.0.args", {})), "plan_path"),
+    ("no model or registry", _serve(_set("applications.0.args.adapter_registry", None)),
+     "adapter_registry"),
+    ("engines without GPUs", _serve(_set("applications.0.args.replica_gpus", None)),
+     "replica_gpus"),
     ("no head group", _set(HEAD, None), "headGroupSpec"),
     ("no worker groups", _set("spec.rayClusterConfig.workerGroupSpecs", []), "workerGroupSpecs"),
     ("worker without GPU", _set(f"{WORKER}.template.spec.containers.0.resources.limits",

@@ -308,10 +308,7 @@ def test_dead_replica_fails_explicitly(sim_stack) -> None:
     _, make, start, _ = sim_stack
 
     class Dead:
-        def stream(self, request):
-            raise ConnectionError("actor died")
-
-        async def complete(self, request):
+        def stream(self, request, whole=False):
             raise ConnectionError("actor died")
 
         async def report(self):
@@ -484,12 +481,9 @@ def test_the_ingress_counts_each_client_request_once() -> None:
     from orchestrator.control.window import TelemetryBatch
 
     class Dead:
-        async def stream(self, request):
+        async def stream(self, request, whole=False):
             raise ConnectionError("actor died")
             yield {}  # pragma: no cover - makes this an async generator
-
-        async def complete(self, request):
-            raise ConnectionError("actor died")
 
         async def report(self):
             raise ConnectionError("actor died")

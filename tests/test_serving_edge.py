@@ -224,3 +224,49 @@ def test_the_residency_of_adapters_is_exported() -> None:
     text = asyncio.run(run())
     assert 'lorafleet_adapter_resident{adapter="b",replica="g/0",tier="gpu"} 1.0' in text
     assert 'lorafleet_adapter_resident{adapter="a",replica="g/0",tier="cpu"} 1.0' in text
+
+
+def test_a_replica_that_does_not_accept_is_routed_around_and_never_hangs() -> None:
+    """A replica on a lost node (before Ray declares it dead), or one Serve cannot restart for
+    lack of GPUs, holds what it is sent: after ``accept_timeout_s`` the request goes to the
+    other copy, the replica is avoided while that copy serves, and with no copy left the
+    answer is an explicit 503 - bounded, never a hang."""
+    from orchestrator.serving.backend import EngineUnavailable, GenerateRequest
+
+    plan = synthetic_plan([GroupShape("g", [("a", 8)], copies=2)])
+    g = plan.groups[0]
+    reg = AdapterRegistry.ranks_only({"a": 8})
+
+    class Silent:
+        calls = 0
+
+        async def stream(self, request, whole=False):
+            Silent.calls += 1
+            await asyncio.sleep(3600)
+            yield {}  # pragma: no cover
+
+        async def report(self):
+            return {}
+
+    async def run() -> None:
+        good = ReplicaCore(ReplicaSpec("g", 1, "sim", g.engine, reg.subset(["a"]), "sim",
+                                       sim_time_scale=20.0))
+        await good.start()
+        core = IngressCore(RoutingTable.from_plan(plan),
+                           {ReplicaId("g", 0): Silent(), ReplicaId("g", 1): LocalClient(good)},
+                           engine="sim", accept_timeout_s=0.5)
+        for i in range(6):
+            rid, res = await core.complete("a", GenerateRequest(f"r{i}", "a", 2, prompt="x"))
+            assert rid == ReplicaId("g", 1) and res["completion_tokens"] == 2
+        assert Silent.calls == 1  # tried once, then avoided
+        assert core.in_flight[ReplicaId("g", 0)] == 0  # the held request was withdrawn
+        alone = IngressCore(RoutingTable.from_plan(synthetic_plan([GroupShape("g", [("a", 8)])])),
+                            {ReplicaId("g", 0): Silent()}, engine="sim", accept_timeout_s=0.5)
+        with pytest.raises(EngineUnavailable, match="did not accept the request within 0.5 s"):
+            await asyncio.wait_for(alone.complete("a", GenerateRequest("s", "a", 2,
+                                                                        prompt="x")), 30)
+        with pytest.raises(EngineUnavailable, match="did not accept"):
+            await asyncio.wait_for(alone.open_stream("a", GenerateRequest("t", "a", 2,
+                                                                           prompt="x")), 30)
+
+    asyncio.run(run())

@@ -133,6 +133,21 @@ def test_deploy_status_shutdown_cli_leaves_no_process(tmp_path: Path) -> None:
             r = httpx.post(f"{url}/v1/completions",
                            json={"model": "y-1", "prompt": "hi", "max_tokens": 2}, timeout=30)
             assert r.status_code == 200 and r.headers[REPLICA_HEADER].startswith("b/")
+        # the Ray tools people reach for first see the deployment (the head runs the dashboard)
+        dash = deployed["dashboard_url"]
+        assert dash and httpx.get(dash, timeout=30).status_code == 200
+        bin_dir = Path(sys.executable).parent
+        actors = subprocess.run([str(bin_dir / "ray"), "list", "actors", "--address", dash,
+                                 "--format", "json", "--limit", "1000"], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert actors.returncode == 0, actors.stderr[-2000:]
+        names = {a.get("class_name") for a in json.loads(actors.stdout)}
+        assert "ServeController" in names and any(
+            str(n).endswith("FleetController") for n in names), names
+        serve_status = subprocess.run([str(bin_dir / "serve"), "status", "-a", dash],
+                                      capture_output=True, text=True, env=env, timeout=120)
+        assert serve_status.returncode == 0, serve_status.stderr[-2000:]
+        assert "lorafleet" in serve_status.stdout and "RUNNING" in serve_status.stdout
         status = run("status")
         assert {row["replica"] for row in status["rows"]} == {"a/0", "b/0", "b/1"}
         assert sum(row["requests"] for row in status["rows"]) == 2

@@ -119,9 +119,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         with err.status("deploying...") as status:
             # the controller watches (drift, live vs twin) but applies nothing: the demo
-            # measures the plan it deployed
+            # measures the plan it deployed; no dashboard (the demo ends with a shutdown, and
+            # on two cores its polling would be in the measurement)
             state = deploy(spec, address=None, port=port, state_dir=state_dir,
-                           settings=ControllerSettings(auto_apply=False),
+                           settings=ControllerSettings(auto_apply=False), dashboard=False,
                            progress=lambda m: status.update(m))
         timings["deploy_s"] = time.perf_counter() - t
         err.print(f"deployed {len(state.replicas)} {args.engine} replica(s) at {state.url} in "

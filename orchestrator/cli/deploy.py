@@ -42,10 +42,24 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--address", default=None,
                    help="Ray cluster address (`ray up` head); default: start a local head")
     d.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray head")
+    d.add_argument("--no-dashboard", action="store_true",
+                   help="start the local Ray head without its dashboard (then `ray list`, "
+                   "`serve status` and the dashboard UI do not work)")
+    d.add_argument("--dashboard-port", type=int, default=None,
+                   help="port of the local head's Ray dashboard (default: a free port)")
     d.add_argument("--replica-cpus", type=float, default=None,
                    help="CPUs reserved per engine replica (default 0.5 vllm, 0.05 sim)")
-    d.add_argument("--replica-gpus", type=float, default=0.0,
-                   help="GPUs per engine replica (1 on GPU clusters)")
+    d.add_argument("--replica-gpus", type=float, default=None,
+                   help="GPUs per engine replica (default: --tensor-parallel-size on a cluster "
+                   "with GPUs, 0 on a CPU-only one)")
+    d.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="GPUs one vLLM engine spans (default 1)")
+    d.add_argument("--accelerator-type", default=None,
+                   help="GPU type the engine replicas run on, as Ray names it (H100, A100, "
+                   "A10G, L4, ...)")
+    d.add_argument("--wait-for-gpus", action="store_true",
+                   help="deploy even if the cluster has fewer GPUs than the plan needs now "
+                   "(an autoscaling cluster adds them; replicas wait)")
     d.add_argument("--max-model-len", type=int, default=None)
     d.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body the ingress accepts (413 above it; default "
@@ -92,8 +106,12 @@ def builder_args(args: argparse.Namespace) -> dict[str, Any]:
         out["api_keys"] = ApiKeys.from_yaml(args.api_keys).to_dict()
     if args.replica_cpus is not None:
         out["replica_cpus"] = args.replica_cpus
-    if args.replica_gpus:
+    if args.replica_gpus is not None:
         out["replica_gpus"] = args.replica_gpus
+    if args.tensor_parallel_size is not None:
+        out["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.accelerator_type:
+        out["accelerator_type"] = args.accelerator_type
     if args.max_model_len:
         out["max_model_len"] = args.max_model_len
     if args.max_body_bytes:
@@ -123,11 +141,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         state = deploy(spec, address=args.address, port=args.port, serve_port=args.serve_port,
                        state_dir=args.state_dir,
                        num_cpus=args.num_cpus, settings=settings,
-                       progress=lambda m: status.update(m))
+                       dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
+                       wait_for_gpus=args.wait_for_gpus, progress=lambda m: status.update(m))
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"url": state.url, "serve_url": state.serve_url,
-                          "address": state.address, "engine": state.engine,
+                          "address": state.address, "dashboard_url": state.dashboard_url,
+                          "engine": state.engine,
                           "replicas": state.replicas, "ready_s": elapsed}))
         return 0
     console.print(Text(
@@ -136,6 +156,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         f"  OpenAI API  {state.url}/v1  (model = adapter id or {spec.base_model_name!r}; "
         f"also through Ray Serve's proxy at {state.serve_url}/v1)\n"
         f"  Ray         {state.address}\n"
+        + (f"  dashboard   {state.dashboard_url}  (Serve tab, logs; `ray list actors "
+           f"--address {state.dashboard_url}`, `serve status -a {state.dashboard_url}`)\n"
+           if state.dashboard_url else "") +
         "  controller  re-plans from live telemetry (lorafleet status shows it; "
         "lorafleet whatif asks it)\n"
         "  next        lorafleet status | lorafleet whatif | lorafleet shutdown"), soft_wrap=True)

@@ -74,6 +74,7 @@ class DeployState:
     created_at: float = field(default_factory=time.time)
     startup_s: float = 0.0
     serve_url: str | None = None  # Ray Serve's HTTP proxy (same API, one hop more)
+    dashboard_url: str | None = None  # the Ray dashboard of the head deploy started
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +98,18 @@ class DeployState:
 
 def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None = None,
            state_dir: str | Path | None = None, num_cpus: float | None = None,
-           settings: Any = None,
+           settings: Any = None, dashboard: bool = True, dashboard_port: int | None = None,
+           wait_for_gpus: bool = False,
            progress: Callable[[str], None] = lambda _m: None) -> DeployState:
     """Start (or connect to) Ray, start the controller, which deploys the engines and the
     ingress and keeps them right from then on; record it all; returns the state written.
 
     The ingress listens on ``port`` itself (serving/listener.py, the recorded ``url``);
-    Ray Serve's HTTP proxy serves the same API on ``serve_port`` (default: a free port)."""
+    Ray Serve's HTTP proxy serves the same API on ``serve_port`` (default: a free port). A
+    head this starts runs Ray's dashboard (``dashboard``), so ``ray list actors``, ``serve
+    status`` and the dashboard's Serve page see the deployment. Engine replicas ask for the
+    GPUs the cluster has (``ServingSpec.for_cluster``); a plan needing more than exist is
+    refused before anything starts, unless ``wait_for_gpus`` (an autoscaling cluster)."""
     path = state_path(state_dir)
     if path.is_file():
         old = DeployState.read(path)
@@ -120,10 +126,14 @@ def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None 
     build_application(spec)  # validates everything before Ray starts
     head = None
     if address is None:
-        head = LocalHead.start(num_cpus=num_cpus, log_dir=path.parent, progress=progress)
+        head = LocalHead.start(num_cpus=num_cpus, log_dir=path.parent, progress=progress,
+                               dashboard=dashboard, dashboard_port=dashboard_port)
         address = head.address
     try:
         connect(address)
+        spec = spec.for_cluster(ray.cluster_resources().get("GPU", 0.0))
+        if not wait_for_gpus:
+            spec.check_gpus([n["Resources"] for n in ray.nodes() if n.get("Alive")])
         serve.start(http_options={"host": host, "port": serve_port})
         progress(f"starting the controller; it deploys {len(spec.replica_specs())} "
                  f"{spec.engine} replica(s) + the ingress on Ray Serve")
@@ -142,6 +152,7 @@ def deploy(spec: Any, *, address: str | None, port: int, serve_port: int | None 
             deployments={m["replica"]: ep for ep, m in members.items()},
             head=asdict(head) if head else None, controller=CONTROLLER_NAME,
             startup_s=time.perf_counter() - t0,
+            dashboard_url=head.dashboard_url if head else None,
         )
         if head:
             head.descendants = descendants(head.pid)

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -78,15 +79,15 @@ class EngineDeployment:
             with contextlib.suppress(Exception):  # controller away: this interval is lost,
                 await link.push_served(batch)  # and its coverage check will know
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.core.stream(request):
+    async def stream(self, request: GenerateRequest, whole: bool = False
+                     ) -> AsyncIterator[dict[str, Any]]:
+        source = self.core.stream_whole(request) if whole else self.core.stream(request)
+        async for item in source:
             yield item
-
-    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
-        return await self.core.complete(request)
 
     async def report(self, window_s: float | None = None) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "version": self.stamp_["version"],
+                "node_id": ray.get_runtime_context().get_node_id(),  # where it runs (status)
                 **self.core.report(window_s)}
 
     async def assign(self, role: Mapping[str, Any], adapters: Sequence[AdapterEntry]
@@ -139,12 +140,12 @@ class HandleClient:
     """``ReplicaClient`` over a Serve deployment handle (orchestrator/serving/ingress.py)."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
-        self._complete = handle.options(method_name="complete", **HANDLE_TRANSPORT)
         self._stream = handle.options(method_name="stream", stream=True, **HANDLE_TRANSPORT)
         self._report = handle.options(method_name="report")
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        gen = self._stream.remote(request)
+    async def stream(self, request: GenerateRequest, whole: bool = False
+                     ) -> AsyncIterator[dict[str, Any]]:
+        gen = self._stream.remote(request, whole)
         done = False
         try:
             async for item in gen:
@@ -153,9 +154,6 @@ class HandleClient:
         finally:
             if not done:
                 gen.cancel()
-
-    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
-        return await self._complete.remote(request)
 
     async def report(self) -> dict[str, Any]:
         return await self._report.remote()
@@ -250,8 +248,10 @@ def _table(routing: Mapping[str, Any]) -> RoutingTable:
 def engine_options(spec: ServingSpec, replica: ReplicaSpec) -> dict[str, Any]:
     """Deployment options of one engine copy: its name and the resources it reserves."""
     actor: dict[str, Any] = {"num_cpus": spec.replica_cpus}
-    if spec.replica_gpus:
-        actor["num_gpus"] = spec.replica_gpus
+    if spec.gpus_per_replica:
+        actor["num_gpus"] = spec.gpus_per_replica
+        if spec.accelerator_type:
+            actor["accelerator_type"] = spec.accelerator_type
     if replica.engine_kind == "vllm":
         actor["runtime_env"] = {"env_vars": engine_env(replica)}
     return {"name": replica.replica_id.deployment, "num_replicas": 1,
@@ -298,8 +298,13 @@ def managed_ingress_app(spec: ServingSpec, routing: Mapping[str, Any],
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder (``import_path: orchestrator.serving.app:build_app``)."""
-    return build_application(ServingSpec.from_args(args))
+    """Ray Serve application builder (``import_path: orchestrator.serving.app:build_app``).
+    Without ``replica_gpus`` the engines ask for GPUs when the cluster has some now (a
+    RayService whose GPU workers scale from zero sets it: the manifest does)."""
+    spec = ServingSpec.from_args(args)
+    if spec.replica_gpus is None and ray.is_initialized():
+        spec = spec.for_cluster(ray.cluster_resources().get("GPU", 0.0))
+    return build_application(spec)
 
 
 class ServeError(RuntimeError):

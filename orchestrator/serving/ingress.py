@@ -61,12 +61,20 @@ CLIENT_GONE = 499  # nginx's "client closed request": the metrics' status for an
 UNKNOWN_MODEL_LABEL = "unknown"
 
 
+ACCEPT_TIMEOUT_S = 30.0  # a replica that has not accepted a request by then is failed for it
+SUSPECT_S = 60.0  # ... and routed around (while another copy serves) this long after
+
+
 class ReplicaClient(Protocol):
-    """How the ingress talks to one replica (a Serve handle or an in-process ReplicaCore)."""
+    """How the ingress talks to one replica (a Serve handle or an in-process ReplicaCore).
 
-    def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]: ...
+    ``stream`` yields the replica's acceptance first (``{"replica", "engine",
+    "prompt_tokens"}``, or a refusal ``{"error"}``), then the output: token pieces, or with
+    ``whole`` one dict holding the whole completion (a non-streamed request: two messages, not
+    one per token, and still an acceptance the ingress can time)."""
 
-    def complete(self, request: GenerateRequest) -> Awaitable[dict[str, Any]]: ...
+    def stream(self, request: GenerateRequest, whole: bool = False
+               ) -> AsyncIterator[dict[str, Any]]: ...
 
     def report(self) -> Awaitable[dict[str, Any]]: ...
 
@@ -79,13 +87,18 @@ class IngressCore:
         engine: str, api_keys: ApiKeys | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.perf_counter,
         endpoints: Mapping[ReplicaId, Hashable] | None = None, version: int = 0,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, accept_timeout_s: float = ACCEPT_TIMEOUT_S,
     ) -> None:
         if not 0 < max_body_bytes <= MAX_BODY_BYTES:
             raise ValueError(f"max_body_bytes: must be in (0, {MAX_BODY_BYTES}] (Ray's 4-MiB "
                              f"message limit), got {max_body_bytes}")
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.accept_timeout_s = accept_timeout_s
+        # replicas that failed or did not accept a request lately, until when: routed around
+        # while another copy serves (a replica on a lost node, before Ray declares it dead, or
+        # one Serve cannot restart for lack of GPUs, would hold every request it gets)
+        self.suspect: dict[Hashable, float] = {}
         self.keys = api_keys or ApiKeys({})
         self.timeout_s = timeout_s
         self.clock = clock
@@ -151,10 +164,19 @@ class IngressCore:
         return tenant
 
     def _pick(self, model: str, exclude: set[ReplicaId]) -> _Target | None:
-        """The routing table's choice (first or retry), as a target to dispatch to."""
+        """The routing table's choice (first or retry), as a target to dispatch to; suspect
+        replicas only when no other copy is left."""
         ends = self.endpoints
-        rid = self.table.route(model, lambda r: self.in_flight[ends[r]], exclude=exclude)
+        now = self.clock()
+        avoid = {r for r, k in ends.items() if self.suspect.get(k, -math.inf) > now}
+        load = lambda r: self.in_flight[ends[r]]  # noqa: E731
+        rid = self.table.route(model, load, exclude=exclude | avoid) if avoid else None
+        if rid is None:
+            rid = self.table.route(model, load, exclude=exclude)
         return None if rid is None else _Target(rid, ends[rid], self.version)
+
+    def _fail(self, t: _Target) -> None:
+        self.suspect[t.key] = self.clock() + SUSPECT_S
 
     def _acquire(self, t: _Target) -> None:
         self.in_flight[t.key] += 1
@@ -196,25 +218,23 @@ class IngressCore:
 
     # -- dispatch -------------------------------------------------------------------------
     async def complete(self, model: str, req: GenerateRequest) -> tuple[ReplicaId, dict]:
-        """Non-streamed: returns (replica, result); raises ServingError."""
+        """Non-streamed: returns (replica, result); raises ServingError. A replica that fails
+        before the result is known is retried like one that fails before accepting: the
+        client has seen nothing yet."""
         tried: set[ReplicaId] = set()
+        t0 = self.clock()
         while True:
-            t = self._pick(model, tried)
-            if t is None:
-                raise EngineUnavailable(f"every replica serving {model!r} failed: "
-                                        f"{sorted(map(str, tried))}")
-            rid = t.rid
-            tried.add(rid)
-            self._acquire(t)
-            t0 = self.clock()
+            opened = await self._open(model, req, tried, whole=True)
+            t, rid = opened.target, opened.rid
             try:
-                result = await asyncio.wait_for(self.clients[t.key].complete(req), self.timeout_s)
+                result = await asyncio.wait_for(opened.rest.__anext__(), self.timeout_s)
             except TimeoutError:
                 self._count(model, rid, 503)
                 raise EngineUnavailable(
                     f"replica {rid} did not answer within {self.timeout_s:g} s") from None
-            except Exception as exc:  # replica died / unreachable: another copy, once
+            except Exception as exc:  # replica died (StopAsyncIteration: ended without one)
                 self._count(model, rid, 503)
+                self._fail(t)
                 if not self.table.may_retry(len(tried)):
                     raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
                                             f"{str(exc)[:300]}") from None
@@ -222,6 +242,7 @@ class IngressCore:
                 continue
             finally:
                 self._release(t)
+                await _close(opened.rest)
             if "error" in result:
                 err = self._refusal(model, rid, result["error"], len(tried))
                 if err is None:
@@ -231,34 +252,43 @@ class IngressCore:
             self._count(model, rid, 200)
             self.m_tokens.labels(model, "prompt").inc(result.get("prompt_tokens", 0))
             self.m_tokens.labels(model, "completion").inc(result.get("completion_tokens", 0))
-            return rid, result
+            return rid, {**opened.first, **result}
 
     async def open_stream(self, model: str, req: GenerateRequest) -> OpenStream:
         """Start a stream and wait for the replica to accept it (its first item), so that
         refusals become proper HTTP statuses; the caller must ``close`` the returned stream."""
-        tried: set[ReplicaId] = set()
+        return await self._open(model, req, set())
+
+    async def _open(self, model: str, req: GenerateRequest, tried: set[ReplicaId], *,
+                    whole: bool = False) -> OpenStream:
+        """Dispatch to a replica and wait up to ``accept_timeout_s`` for its acceptance; a
+        replica that fails or does not accept is marked suspect and, once per request, another
+        copy is tried; refusals (a 4xx) are the request's answer."""
+        why: list[str] = []
         while True:
             t = self._pick(model, tried)
             if t is None:
-                raise EngineUnavailable(f"every replica serving {model!r} failed")
+                raise EngineUnavailable(f"every replica serving {model!r} failed: "
+                                        f"{'; '.join(why) or sorted(map(str, tried))}")
             rid = t.rid
             tried.add(rid)
             self._acquire(t)
-            it = self.clients[t.key].stream(req).__aiter__()
+            it: Any = None
             try:
-                first = await asyncio.wait_for(it.__anext__(), self.timeout_s)
-            except (TimeoutError, StopAsyncIteration):
+                it = self.clients[t.key].stream(req, whole).__aiter__()
+                first = await asyncio.wait_for(it.__anext__(), self.accept_timeout_s)
+            except Exception as exc:  # TimeoutError, StopAsyncIteration, a dead replica
                 self._release(t)
                 await _close(it)
                 self._count(model, rid, 503)
-                raise EngineUnavailable(f"replica {rid} did not start the stream") from None
-            except Exception as exc:
-                self._release(t)
-                await _close(it)
-                self._count(model, rid, 503)
+                self._fail(t)
+                why.append(f"replica {rid} " + (
+                    f"did not accept the request within {self.accept_timeout_s:g} s"
+                    if isinstance(exc, TimeoutError) else "ended the stream at once"
+                    if isinstance(exc, StopAsyncIteration)
+                    else f"failed: {type(exc).__name__}: {str(exc)[:300]}"))
                 if not self.table.may_retry(len(tried)):
-                    raise EngineUnavailable(f"replica {rid} failed: {type(exc).__name__}: "
-                                            f"{str(exc)[:300]}") from None
+                    raise EngineUnavailable(why[-1]) from None
                 self.retried += 1
                 continue
             if "error" in first:
@@ -268,6 +298,7 @@ class IngressCore:
                 if err is None:
                     continue
                 raise err
+            self.suspect.pop(t.key, None)  # it accepts again
             return OpenStream(t, first, it)
 
     def _refusal(self, model: str, rid: ReplicaId, error: Mapping[str, Any], tries: int

@@ -104,16 +104,16 @@ class ReplicaCore:
             self.telemetry.finished(RequestRecord(adapter, arrival, first, finish, n_prompt,
                                                   n_out, ok))
 
-    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
-        """The whole completion: ``{"replica", "engine", "text", "prompt_tokens",
-        "completion_tokens", "finish_reason"}`` or ``{"error": ...}``."""
+    async def stream_whole(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """``stream``'s acceptance, then the whole completion as one item (``{"text",
+        "completion_tokens", "finish_reason"}``), or an ``{"error"}`` item."""
         out: dict[str, Any] = {"text": "", "completion_tokens": 0, "finish_reason": None}
         parts: list[str] = []
         async for item in self.stream(request):
-            if "error" in item:
-                return item
-            if "replica" in item:
-                out.update(item)
+            if "error" in item or "replica" in item:
+                yield item
+                if "error" in item:
+                    return
                 continue
             parts.append(item["text"])
             out["completion_tokens"] += item["n"]
@@ -121,7 +121,16 @@ class ReplicaCore:
                 out["finish_reason"] = item["finish_reason"]
         out["text"] = "".join(parts)
         if out["finish_reason"] == "abort":
-            return _error(EngineUnavailable("the engine aborted the request (shutting down?)"))
+            yield _error(EngineUnavailable("the engine aborted the request (shutting down?)"))
+            return
+        yield out
+
+    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
+        """The whole completion: ``{"replica", "engine", "text", "prompt_tokens",
+        "completion_tokens", "finish_reason"}`` or ``{"error": ...}``."""
+        out: dict[str, Any] = {}
+        async for item in self.stream_whole(request):
+            out = item if "error" in item else {**out, **item}
         return out
 
     async def assign(self, group: str, copy: int, adapters: Sequence[AdapterEntry],
@@ -161,11 +170,9 @@ class LocalClient:
     def __init__(self, core: ReplicaCore) -> None:
         self.core = core
 
-    def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        return self.core.stream(request)
-
-    async def complete(self, request: GenerateRequest) -> dict[str, Any]:
-        return await self.core.complete(request)
+    def stream(self, request: GenerateRequest, whole: bool = False
+               ) -> AsyncIterator[dict[str, Any]]:
+        return self.core.stream_whole(request) if whole else self.core.stream(request)
 
     async def report(self) -> dict[str, Any]:
         return self.core.report()

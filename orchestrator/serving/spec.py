@@ -10,15 +10,25 @@ directory with ``adapters.yaml``, or a base model path / hub id), ``adapter_regi
 YAML; default the model directory's ``adapters.yaml``), ``adapter_roots`` (allowed folders for
 local adapter paths; default the registry's folder), ``api_keys`` (a keys mapping, hashed, see
 orchestrator/serving/api_keys.py), ``base_model_name`` (default: the plan profile's model),
-``max_model_len``, ``replica_cpus``, ``replica_gpus``, ``ingress_replicas``, ``timeout_s``,
-``sim_time_scale``, ``omp_threads``, ``kv_cache_gib``, ``listen`` (``HOST:PORT``: the ingress
-serves HTTP itself there, orchestrator/serving/listener.py; default only through Serve's proxy).
+``max_model_len``, ``replica_cpus``, ``replica_gpus``, ``accelerator_type``,
+``tensor_parallel_size``, ``ingress_replicas``, ``timeout_s``, ``sim_time_scale``,
+``omp_threads``, ``kv_cache_gib``, ``listen`` (``HOST:PORT``: the ingress serves HTTP itself
+there, orchestrator/serving/listener.py; default only through Serve's proxy),
+``max_body_bytes``.
+
+GPUs: ``replica_gpus`` unset means "what the cluster has": each engine replica asks for
+``tensor_parallel_size`` GPUs (default 1) on a cluster with GPUs, none on a CPU-only one
+(``for_cluster``; ``lorafleet deploy`` resolves it once connected). A replica with GPUs gets
+the GPU build's settings; the CPU build's environment (KV-cache space, OMP threads) and its
+spare adapter slot apply only to replicas without GPUs. ``accelerator_type`` (``H100``, ``A10G``,
+... as Ray names them) pins replicas to nodes of that type. A RayService, whose GPU workers
+may scale from zero when the application is built, sets ``replica_gpus`` explicitly.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,7 @@ _KEYS = {
     "plan_path", "engine", "model", "adapter_registry", "adapter_roots", "api_keys",
     "base_model_name", "max_model_len", "replica_cpus", "replica_gpus", "ingress_replicas",
     "timeout_s", "sim_time_scale", "omp_threads", "kv_cache_gib", "listen", "max_body_bytes",
+    "accelerator_type", "tensor_parallel_size",
 }
 
 
@@ -60,6 +71,8 @@ class ReplicaSpec:
     kv_cache_gib: float = 1.0  # CPU vLLM: VLLM_CPU_KVCACHE_SPACE
     omp_threads: int = 1  # CPU vLLM: torch threads per replica
     sim_time_scale: float = 1.0
+    gpus: float = 0.0  # GPUs the replica holds: 0 = the CPU build
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.engine_kind not in ENGINE_KINDS:
@@ -88,7 +101,9 @@ class ServingSpec:
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys({}))
     max_model_len: int | None = None
     replica_cpus: float = 0.5
-    replica_gpus: float = 0.0
+    replica_gpus: float | None = None  # None: what the cluster has (module docstring)
+    accelerator_type: str | None = None
+    tensor_parallel_size: int = 1
     ingress_replicas: int = 1
     timeout_s: float = 300.0
     sim_time_scale: float = 1.0
@@ -144,14 +159,22 @@ class ServingSpec:
             model_str = f"sim:{plan.profile.name}"
         keys = args.get("api_keys")
         api_keys = keys if isinstance(keys, ApiKeys) else ApiKeys.from_dict(keys)
-        gpus = args.get("replica_gpus", 0.0)
+        gpus = args.get("replica_gpus")
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int | float)
+                                 or gpus < 0):
+            raise SpecError(f"replica_gpus: must be a number >= 0, got {gpus!r}")
+        accel = args.get("accelerator_type")
+        if accel is not None and (not isinstance(accel, str) or not accel.strip()):
+            raise SpecError(f"accelerator_type: must be a GPU type such as 'H100', got {accel!r}")
         spec = cls(
             plan_path=plan_path, plan=plan, engine=engine, model=model_str, registry=registry,
             base_model_name=str(args.get("base_model_name") or plan.profile.model),
             api_keys=api_keys,
             max_model_len=_opt_int(args, "max_model_len"),
             replica_cpus=float(args.get("replica_cpus", 0.5 if engine == "vllm" else 0.05)),
-            replica_gpus=float(gpus or 0.0),
+            replica_gpus=None if gpus is None else float(gpus),
+            accelerator_type=accel,
+            tensor_parallel_size=_opt_int(args, "tensor_parallel_size") or 1,
             ingress_replicas=int(args.get("ingress_replicas", 1)),
             timeout_s=float(args.get("timeout_s", 300.0)),
             sim_time_scale=float(args.get("sim_time_scale", 1.0)),
@@ -163,6 +186,10 @@ class ServingSpec:
         )
         if spec.base_model_name in ranks:
             raise SpecError(f"base_model_name {spec.base_model_name!r} clashes with an adapter id")
+        if spec.replica_gpus is not None and spec.replica_gpus < spec.tensor_parallel_size \
+                and spec.replica_gpus > 0:
+            raise SpecError(f"replica_gpus: {spec.replica_gpus:g} is fewer than "
+                            f"tensor_parallel_size {spec.tensor_parallel_size}")
         if spec.max_body_bytes > MAX_BODY_BYTES:
             raise SpecError(f"max_body_bytes: at most {MAX_BODY_BYTES} (a request crosses Ray "
                             f"as one message, capped at 4 MiB), got {spec.max_body_bytes}")
@@ -180,6 +207,39 @@ class ServingSpec:
 
     def with_(self, **changes: Any) -> ServingSpec:
         return replace(self, **changes)
+
+    # -- the cluster --------------------------------------------------------------------------
+    @property
+    def gpus_per_replica(self) -> float:
+        """GPUs each engine replica asks for (0 while ``replica_gpus`` is unresolved)."""
+        return self.replica_gpus or 0.0
+
+    def for_cluster(self, cluster_gpus: float) -> ServingSpec:
+        """``replica_gpus`` resolved for a cluster with ``cluster_gpus`` GPUs (module notes)."""
+        if self.replica_gpus is not None:
+            return self
+        return self.with_(replica_gpus=float(self.tensor_parallel_size) if cluster_gpus > 0
+                          else 0.0)
+
+    def check_gpus(self, nodes: Sequence[Mapping[str, float]]) -> None:
+        """Refuse a deployment whose engines need more GPUs than the cluster's alive ``nodes``
+        (their Ray resources) have: before anything starts, saying what exists. A replica
+        fits on one node (of ``accelerator_type`` when set) with ``gpus_per_replica`` free."""
+        per = self.gpus_per_replica
+        if per <= 0:
+            return
+        n = sum(g.copies for g in self.plan.groups)
+        typed = [r for r in nodes if not self.accelerator_type
+                 or r.get(f"accelerator_type:{self.accelerator_type}", 0.0) > 0]
+        have = sum(float(r.get("GPU", 0.0)) for r in typed)
+        fits = sum(int(float(r.get("GPU", 0.0)) // per + 1e-9) for r in typed)
+        if n > fits:
+            what = f"{self.accelerator_type} GPUs" if self.accelerator_type else "GPUs"
+            raise SpecError(
+                f"the plan's {n} engine replica(s) x {per:g} GPU need {n * per:g} {what}; the "
+                f"cluster has {have:g} ({fits} replica(s) fit). Add GPU nodes, plan for fewer "
+                "replicas, or on an autoscaling cluster pass --wait-for-gpus (replicas then "
+                "wait for nodes)")
 
     # -- what runs ----------------------------------------------------------------------------
     def routing_table(self, seed: int = 0) -> RoutingTable:
@@ -199,7 +259,7 @@ class ServingSpec:
             profile_len = None
         for g in self.plan.groups:
             engine = g.engine
-            if self.engine == "vllm" and self.replica_gpus == 0:
+            if self.engine == "vllm" and self.gpus_per_replica == 0:
                 engine = engine.with_(max_loras=min(engine.max_loras, len(g.adapters)) + 1,
                                       max_cpu_loras=max(engine.cpu_slots, len(g.adapters) + 1))
             mml = self.max_model_len or engine.max_model_len or profile_len
@@ -210,7 +270,8 @@ class ServingSpec:
                     model_name=self.base_model_name, profile=self.plan.profile.name,
                     max_model_len=mml, predicted=dict(g.verified or g.predicted),
                     kv_cache_gib=self.kv_cache_gib, omp_threads=self.omp_threads,
-                    sim_time_scale=self.sim_time_scale,
+                    sim_time_scale=self.sim_time_scale, gpus=self.gpus_per_replica,
+                    tensor_parallel_size=self.tensor_parallel_size,
                 ))
         return out
 

@@ -40,14 +40,20 @@ CPU_BLOCK_MULTIPLE = 32
 
 
 def engine_env(spec: ReplicaSpec) -> dict[str, str]:
-    """Environment a vLLM replica process needs before importing vLLM."""
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
-        "OMP_NUM_THREADS": str(spec.omp_threads),
+    """Environment a vLLM replica process needs before importing vLLM: the CPU build's
+    settings (KV-cache space, one OMP thread, the engine core in process) only for a replica
+    without GPUs; a GPU replica runs vLLM's defaults (Ray sets CUDA_VISIBLE_DEVICES)."""
+    env = {
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if spec.gpus <= 0:
+        env.update({
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(spec.kv_cache_gib))),
+            "OMP_NUM_THREADS": str(spec.omp_threads),
+        })
+    return env
 
 
 class VLLMEngine:
@@ -86,8 +92,12 @@ class VLLMEngine:
             "model": self.spec.model, "enable_lora": True, "max_loras": e.max_loras,
             "max_cpu_loras": e.cpu_slots, "max_lora_rank": e.max_lora_rank,
             "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
-            "block_size": block, "seed": 0, "distributed_executor_backend": "uni",
-            "disable_log_stats": True, "enable_prefix_caching": False,
+            "block_size": block, "seed": 0, "disable_log_stats": True,
+            "enable_prefix_caching": False,
+            # one process, or vLLM's own workers over the GPUs Ray gave this replica
+            "tensor_parallel_size": self.spec.tensor_parallel_size,
+            "distributed_executor_backend": "uni" if self.spec.tensor_parallel_size == 1
+            else "mp",
         }
         if self.spec.max_model_len:
             kwargs["max_model_len"] = self.spec.max_model_len
