@@ -3,7 +3,9 @@
 One deployment for the module: two replica groups, four adapters (ranks 8 and 16) from
 `lorafleet tiny-model`, API keys on. Checks what a user relies on: each adapter's requests land
 on the replica the plan names (header), streaming yields several chunks and [DONE], the official
-`openai` client works unchanged, 404/400 paths, keys enforced per tenant.
+`openai` client works unchanged, 404/400 paths, keys enforced per tenant. One adapter's source
+is remote: an HTTP URI on a local server (with its files' sha256), which the replica fetches
+into its cache before vLLM loads it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,33 @@ GROUPS = {"group-a": [("adapter-0000", 8), ("adapter-0001", 16)],
 
 @pytest.fixture(scope="module")
 def vllm_app(ray_cluster, tmp_path_factory):
+    import http.server
+    import os
+    import threading
+    from functools import partial
+
+    import yaml
     from ray import serve
 
     from orchestrator.control.cluster import free_port
     from orchestrator.measure.tiny_model import build_tiny_model
+    from orchestrator.serving.adapter_fetch import CACHE_ENV, digests
     from orchestrator.serving.app import run_application
     from orchestrator.serving.spec import ServingSpec
 
     root = tmp_path_factory.mktemp("vllm")
     build_tiny_model(root / "tiny", n_adapters=4, ranks=(8, 16))
+    # adapter-0003 from http://: a local server over the tiny model's adapter folders
+    www = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(root / "tiny" / "adapters")))
+    threading.Thread(target=www.serve_forever, daemon=True).start()
+    registry = yaml.safe_load((root / "tiny" / "adapters.yaml").read_text())
+    for a in registry["adapters"]:
+        if a["id"] == "adapter-0003":
+            a["uri"] = f"http://127.0.0.1:{www.server_address[1]}/adapter-0003"
+            a["sha256"] = dict(digests(root / "tiny" / a.pop("path")))
+    (root / "tiny" / "remote.yaml").write_text(yaml.safe_dump(registry))
+    os.environ[CACHE_ENV] = str(root / "adapter-cache")  # the replicas get the deployer's
     plan = synthetic_plan([GroupShape(g, a) for g, a in GROUPS.items()])
     plan.to_yaml(root / "plan.yaml")
     keys = {"keys": [
@@ -42,11 +62,15 @@ def vllm_app(ray_cluster, tmp_path_factory):
     ]}
     listen = f"127.0.0.1:{free_port()}"
     spec = ServingSpec.from_args({"plan_path": str(root / "plan.yaml"), "engine": "vllm",
-                                  "model": str(root / "tiny"), "api_keys": keys,
-                                  "listen": listen})
+                                  "adapter_registry": str(root / "tiny" / "remote.yaml"),
+                                  "api_keys": keys, "listen": listen})
     run_application(spec)
     yield plan, f"http://{listen}"  # the ingress's own listener; ray_cluster.url: Serve's proxy
     serve.delete("lorafleet")
+    www.shutdown()
+    os.environ.pop(CACHE_ENV, None)
+    fetched = list((root / "adapter-cache").iterdir())
+    assert [p.name.split("-")[:2] for p in fetched] == [["adapter", "0003"]], fetched
 
 
 @pytest.mark.parametrize("via", ["listener", "serve_proxy"])

@@ -4,7 +4,9 @@ A replica loads adapters by what the registry says, never by what a request says
 ``model`` field only selects an id. Sources are either a local directory (which must lie under one
 of the configured roots - a registry entry pointing at ``/etc`` or ``../../`` is refused when the
 registry is built, not when a replica tries to read it) or a remote URI (``s3://``, ``gs://``,
-``hf://``...) that an engine able to fetch it resolves.
+``http(s)://``, ``hf://``) naming the adapter's folder, which the replica fetches into a local
+cache before loading it (orchestrator/serving/adapter_fetch.py), checking each file's size and,
+when the entry gives ``sha256: {file: hexdigest}``, its digest.
 
 Built from a tiny-model manifest (``adapters.yaml`` of ``lorafleet tiny-model``), from a registry
 YAML of the same shape (``base_model`` optional, ``adapters: [{id, rank, path | uri}]``), or, for
@@ -23,6 +25,7 @@ from typing import Any
 import yaml
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hf", "https", "http", "az", "abfs")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 REGISTRY_NAME = "adapters.yaml"  # a model directory's registry (the tiny model writes one)
 _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 
@@ -39,6 +42,7 @@ class AdapterEntry:
     rank: int
     path: str | None = None
     uri: str | None = None
+    sha256: Mapping[str, str] | None = None  # file name -> hex digest (remote sources)
 
     @property
     def source(self) -> str:
@@ -100,8 +104,16 @@ class AdapterRegistry:
             path, uri = item.get("path"), item.get("uri")
             if (path is None) == (uri is None):
                 raise RegistryError(f"{at} ({aid}): give exactly one of path and uri")
+            digests = item.get("sha256")
+            if digests is not None and (
+                    uri is None or not isinstance(digests, Mapping)
+                    or not all(isinstance(k, str) and isinstance(v, str) and _HEX64.match(v)
+                               for k, v in digests.items())):
+                raise RegistryError(f"{at} ({aid}): sha256 must map file names to 64-hex "
+                                    "digests, for a uri source")
             if uri is not None:
-                entries[aid] = AdapterEntry(aid, rank, uri=check_uri(str(uri), aid))
+                entries[aid] = AdapterEntry(aid, rank, uri=check_uri(str(uri), aid),
+                                            sha256=dict(digests) if digests else None)
             else:
                 entries[aid] = AdapterEntry(
                     aid, rank, path=check_local_path(str(path), aid, real_roots, base_dir))
@@ -135,6 +147,12 @@ class AdapterRegistry:
     def ranks_only(cls, ranks: Mapping[str, int]) -> AdapterRegistry:
         """For the sim backend: ids and ranks, no weights to load."""
         return cls({a: AdapterEntry(a, int(r), uri=f"sim://{a}") for a, r in ranks.items()})
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(scheme, the rest) of a URI; scheme lower-cased, "" for a plain path."""
+    m = _URI_RE.match(uri)
+    return (m.group(1).lower(), uri[m.end():]) if m else ("", uri)
 
 
 def check_uri(uri: str, adapter_id: str) -> str:

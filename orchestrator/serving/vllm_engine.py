@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from orchestrator.serving.adapter_fetch import CACHE_ENV, is_remote, local_source
 from orchestrator.serving.backend import (
     BackendInfo,
     BadRequest,
@@ -47,6 +48,8 @@ def engine_env(spec: ReplicaSpec) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if os.environ.get(CACHE_ENV):  # where remote adapters are fetched: the deployer's choice
+        env[CACHE_ENV] = os.environ[CACHE_ENV]
     if spec.gpus <= 0:
         env.update({
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -140,7 +143,9 @@ class VLLMEngine:
         for a in adapters:
             lora = self._known.get(a.id)
             if lora is None:
-                lora = LoRARequest(a.id, len(self._known) + 1, a.source)
+                # a remote source is fetched into the node's cache first (vLLM reads folders)
+                path = await asyncio.to_thread(local_source, a) if is_remote(a) else a.source
+                lora = LoRARequest(a.id, len(self._known) + 1, path)
                 await self.engine.add_lora(lora)
                 self._known[a.id] = lora
             loras[a.id] = lora
