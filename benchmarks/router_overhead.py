@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -87,8 +88,9 @@ async def _through_serve(listener: str, proxy: str, n: int, concurrency: int,
     from orchestrator.serving.app import HANDLE_TRANSPORT
 
     handle = serve.get_deployment_handle("engine-group-0-0", app_name="lorafleet")
-    h = handle.options(method_name="complete", **HANDLE_TRANSPORT)  # as the ingress calls it
-    h_ref = handle.options(method_name="complete")  # Serve's default transport
+    # as the ingress calls it: the replica's acceptance, then the whole completion
+    h = handle.options(method_name="stream", stream=True, **HANDLE_TRANSPORT)
+    h_ref = handle.options(method_name="stream", stream=True)  # Serve's default transport
     body = {"model": "adapter-0000", "prompt": [11, 12, 13, 14], "max_tokens": 1}
     times: dict[str, list[float]] = {k: [] for k in (
         "direct", "listener", "direct_by_reference", "listener_httpx", "serve_proxy")}
@@ -111,9 +113,15 @@ async def _through_serve(listener: str, proxy: str, n: int, concurrency: int,
         def req(i: int) -> GenerateRequest:
             return GenerateRequest(f"d{i}", "adapter-0000", 1, prompt_token_ids=(11, 12, 13, 14))
 
-        calls = {"direct": lambda i: h.remote(req(i)),
+        async def direct(i: int, via: Any) -> dict:
+            out: dict = {}
+            async for item in via.remote(req(i), True):
+                out.update(item)
+            return out
+
+        calls = {"direct": lambda i: direct(i, h),
                  "listener": lambda i: post(listener),
-                 "direct_by_reference": lambda i: h_ref.remote(req(i)),
+                 "direct_by_reference": lambda i: direct(i, h_ref),
                  "listener_httpx": lambda i: post_httpx(),
                  "serve_proxy": lambda i: post(proxy)}
         for i in range(20):  # warm every path (connections, the handles' replica caches)
