@@ -446,7 +446,8 @@ def test_adapters_registered_later_survive_a_controller_restart(core) -> None:
     c, cluster, now = core
     c.bootstrap()
     assert c.register([AdapterEntry("n1", 8, uri="sim://n1")]) == ["n1"]
-    assert all(st["registered"] == [{"id": "n1", "rank": 8, "path": None, "uri": "sim://n1"}]
+    assert all(st["registered"] == [{"id": "n1", "rank": 8, "path": None, "uri": "sim://n1",
+                                     "sha256": None}]
                for st in cluster.stamps.values())
     feed(c, now, planned_workload(c.plan), 25)
     out = c.check()

@@ -43,6 +43,10 @@ def test_kv_exhaustion_preempts_and_every_token_is_still_streamed() -> None:
     newest are preempted and recomputed, and each stream still gets its 120 tokens."""
     prof = make_profile(kv_tokens=640, max_model_len=256, const_ms=1.0)
     eng = SimEngine(CFG, prof, {"a": 8}, time_scale=50.0)
+    # all eight arrive at once whatever the host does meanwhile: on a loaded host the real
+    # clock (x50) moved on between their submissions, and the first finished before the last
+    # arrived - no KV contention, no preemption
+    eng._sim_now = lambda: 0.0  # type: ignore[method-assign]
     counts = _run(eng, [("a", 40, 120)] * 8)
     assert counts == [120] * 8
     assert eng.preemptions > 0
