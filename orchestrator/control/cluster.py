@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,24 +144,7 @@ class LocalHead:
 
     def stop(self, timeout_s: float = 30.0) -> list[int]:
         """Stop this head's process tree; returns PIDs that had to be SIGKILLed."""
-        known = set(self.descendants) | set(descendants(self.pid))
-        if pid_alive(self.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and (
-                pid_alive(self.pid) or any(pid_alive(p) for p in known)):
-            known |= set(descendants(self.pid))
-            time.sleep(0.3)
-        killed = []
-        for p in sorted(known | {self.pid}):
-            if pid_alive(p):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                    killed.append(p)
-                except ProcessLookupError:
-                    pass
-        _reap(self.pid)
+        killed = end_tree(self.pid, self.descendants, timeout_s=timeout_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self.remove_logs and not killed:
             shutil.rmtree(Path(self.log_path).parent, ignore_errors=True)
@@ -232,22 +215,29 @@ class LocalWorker:
     def stop(self, *, kill: bool = False, timeout_s: float = 30.0) -> list[int]:
         """End this node's process tree: SIGTERM and wait (a clean leave), or ``kill``: SIGKILL
         at once, raylet and workers together (a node lost). Returns PIDs SIGKILLed."""
-        known = set(self.descendants) | set(descendants(self.pid)) | {self.pid}
-        if not kill:
+        return end_tree(self.pid, self.descendants, timeout_s=0.0 if kill else timeout_s)
+
+
+def end_tree(pid: int, known: Sequence[int], *, timeout_s: float) -> list[int]:
+    """End the process tree of ``pid`` (``known``: descendants recorded earlier, which may have
+    left the tree): SIGTERM and wait up to ``timeout_s`` (0: SIGKILL at once), then SIGKILL
+    whatever is still alive. Returns the PIDs SIGKILLed."""
+    tree = set(known) | set(descendants(pid)) | {pid}
+    if timeout_s > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
+            tree |= set(descendants(pid))
+            time.sleep(0.3)
+    killed = []
+    for p in sorted(tree):
+        if pid_alive(p):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and any(pid_alive(p) for p in known):
-                known |= set(descendants(self.pid))
-                time.sleep(0.3)
-        killed = []
-        for p in sorted(known):
-            if pid_alive(p):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
-                    killed.append(p)
-        _reap(self.pid)
-        return killed
+                os.kill(p, signal.SIGKILL)
+                killed.append(p)
+    _reap(pid)
+    return killed
 
 
 def _head_ready(log_path: Path) -> bool:

@@ -97,6 +97,8 @@ def _fetch_fsspec(entry: AdapterEntry, into: Path) -> None:
     fs, root = _filesystem(entry)
     got_weights = False
     for name in (CONFIG_FILE, *WEIGHT_FILES):
+        if name in WEIGHT_FILES and got_weights:
+            break  # the first weights file found is the adapter's: no probe for the other
         src = f"{root}/{name}"
         try:
             info = fs.info(src)
@@ -127,8 +129,6 @@ def _fetch_fsspec(entry: AdapterEntry, into: Path) -> None:
             raise AdapterFetchError(
                 f"adapter {entry.id!r}: cannot read {entry.uri}/{name}: "
                 f"{type(exc).__name__}: {exc}") from None
-        if name in WEIGHT_FILES and got_weights:
-            continue
         try:
             fs.get_file(src, str(into / name))
         except Exception as exc:
