@@ -198,7 +198,7 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
     _, _, url = sim_app
     root = Path(__file__).parent.parent
     env = {**os.environ, "LORAFLEET_WORKLOAD": str(root / "examples" / "workload_cpu_light.yaml")}
-    before = served_total(url)
+    before = settled_served(url)  # an earlier test's stragglers are not locust's
     res = subprocess.run(
         [str(Path(sys.executable).with_name("locust")), "-f", str(root / "load_tests"
                                                                   / "locustfile.py"),
@@ -206,7 +206,7 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
          "--csv", str(tmp_path / "loc")], capture_output=True, text=True, env=env, timeout=120,
         cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
-    served = served_total(url) - before
+    served = settled_served(url) - before
     with open(tmp_path / "loc_stats.csv") as f:
         rows = {r["Name"]: r for r in csv.DictReader(f)}
     total = rows.pop("Aggregated")
@@ -216,6 +216,23 @@ def test_locustfile_drives_the_deployment(sim_app, tmp_path) -> None:
     assert sum(int(r["Request Count"]) for r in rows.values()) == int(total["Request Count"])
     assert served - 4 <= int(total["Request Count"]) <= served, (served, total["Request Count"])
     assert int(total["Request Count"]) > 5 and int(total["Failure Count"]) == 0
+
+
+def settled_served(url: str, max_s: float = 180.0) -> float:
+    """``served_total`` once nothing is in flight at the ingress and the count stands still, so
+    a window's count holds exactly the requests sent in it, however slow the host."""
+    deadline = time.monotonic() + max_s
+    last = None
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        in_flight = sum(float(m.group(1)) for m in re.finditer(
+            r'lorafleet_in_flight\{[^}]*\} ([0-9.]+)', text))
+        now = served_total(url)
+        if in_flight == 0 and now == last:
+            return now
+        last = now
+        time.sleep(0.5)
+    raise AssertionError(f"the ingress did not settle within {max_s:.0f} s")
 
 
 def served_total(url: str) -> float:
