@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.control.cluster import LocalHead, connect, free_port
     from orchestrator.serving.spec import ServingSpec
 
-    profile = load_profile("tiny-llama-cpu")
+    profile = load_profile("tiny-llama-cpu").with_serving_path(None)  # sim engines
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
     s = settings(args.window_s)
     plan = make_plan(hot_workload(SHIFT_START_HOT, SHIFT_RATE), ctx)

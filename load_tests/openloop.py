@@ -71,6 +71,14 @@ class OpenLoopResult:
     metrics: dict[str, Any]
     per_replica: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # with ``timing``: per request, wall-clock seconds at each hop (STAMPS; NaN: none)
+    stamps: dict[str, np.ndarray] | None = None
+
+
+# the serving path's hops in order: the client's send, the ingress (ingress.TIMING_HEADER), the
+# engine replica's arrival and first output, the ingress's first chunk, the client's first chunk
+STAMPS = ("client_send", "ingress_arrival", "engine_arrival", "engine_first", "ingress_first",
+          "client_first")
 
 
 def prompt_ids(seed: int, i: int, n: int, vocab: int) -> list[int]:
@@ -93,14 +101,18 @@ def subset(batch: RequestBatch, meas: Measurement, idx: np.ndarray
 async def run_openloop(
     workload: Workload, url: str, duration_s: float, *, seed: int = 0,
     api_key: str | None = None, vocab_size: int = DEFAULT_VOCAB, warmup: bool = True,
-    progress: Callable[[str], None] = lambda _m: None,
+    timing: bool = False, progress: Callable[[str], None] = lambda _m: None,
 ) -> OpenLoopResult:
-    """Drive ``url`` with the workload's requests for ``duration_s`` (module docstring)."""
+    """Drive ``url`` with the workload's requests for ``duration_s`` (module docstring).
+    ``timing``: ask the ingress for each request's serving-path stamps (``STAMPS``)."""
     batch = generate_requests(workload, duration_s, seed)
     n = len(batch)
     ids = [a.id for a in workload.adapters]
     base_model = None
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    if timing:
+        headers["x-lorafleet-timing"] = "1"
+    stamps = {k: np.full(n, np.nan) for k in STAMPS}
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
     timeout = httpx.Timeout(duration_s + 120, connect=30)
     nan = np.full(n, np.nan)
@@ -132,7 +144,7 @@ async def run_openloop(
             progress(f"warm-up: one request per adapter in {time.perf_counter() - t:.1f} s")
 
         clock = time.perf_counter
-        t0 = clock()
+        t0, t0_wall = clock(), time.time()
 
         async def one(i: int) -> None:
             a = int(batch.adapter[i])
@@ -155,6 +167,11 @@ async def run_openloop(
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
+                        if "lorafleet_timing" in chunk:
+                            for k, v in chunk["lorafleet_timing"].items():
+                                if k in stamps and v is not None:
+                                    stamps[k][i] = float(v)
+                            continue
                         if "error" in chunk:
                             failed[i] = True
                             errors.append(f"req-{i}: {chunk['error'].get('message')}")
@@ -205,13 +222,15 @@ async def run_openloop(
                        engine={"aborted_requests": len(unfinished),
                                "failed_requests": int(failed.sum()), "sent_requests": len(tasks)})
     metrics = measured_metrics(batch, meas)
+    stamps["client_send"], stamps["client_first"] = t0_wall + send, t0_wall + first
     per: dict[str, dict[str, Any]] = {}
     rep = np.asarray(replica)
     for r in sorted(set(replica) - {""}):
         b, m = subset(batch, meas, np.flatnonzero(rep == r))
         per[r] = measured_metrics(b, m)
     engine = engines.most_common(1)[0][0] if engines else ""
-    return OpenLoopResult(workload, batch, meas, replica, engine, metrics, per, errors)
+    return OpenLoopResult(workload, batch, meas, replica, engine, metrics, per, errors,
+                          stamps if timing else None)
 
 
 def build_openloop_row(res: OpenLoopResult, *, url: str, seed: int, model_name: str,

@@ -145,7 +145,8 @@ class AnalyticPredictor:
         n_budget = B * D / (D + P)
         n_slot = inverse_a(self.slot_pressure * G, G)
         n_max = np.maximum(np.minimum.reduce([S, n_kv, n_budget, n_slot]), 1.0)
-        coef = prof.step_model.as_vector()
+        steps = prof.serving().step_model  # the twin's steps, serving-path contention included
+        coef = steps.as_vector()
 
         def step_ms(N: np.ndarray, prefill: np.ndarray, pair: np.ndarray) -> np.ndarray:
             """Step time of rows (N running, ``prefill`` prompt tokens) of the given pairs."""
@@ -159,7 +160,7 @@ class AnalyticPredictor:
                 lora_enabled=1.0,
                 max_lora_rank=R[pair],
                 max_loras=G[pair],
-                cuda_graph_max_tokens=prof.step_model.cuda_graph_max_tokens,
+                cuda_graph_max_tokens=steps.cuda_graph_max_tokens,
             )
             return np.maximum(X @ coef, 1e-3)
 

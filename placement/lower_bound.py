@@ -57,7 +57,7 @@ class LowerBound:
 
 def compute_lower_bound(workload: Workload, ctx: PlacementContext) -> LowerBound:
     """The roofline bound of ``workload`` on ``ctx``'s profile (module notes)."""
-    m = ctx.profile.step_model
+    m = ctx.profile.serving().step_model  # the steps the twin runs (serving path included)
     negative = [f for f in FEATURES if getattr(m, f) < 0]
     if negative:
         raise PlacementError(f"{ctx.profile.name}: step_model coefficients {negative} are "

@@ -123,8 +123,12 @@ class WorkloadRef:
 
 
 def profile_sha256(profile: Profile) -> str:
-    """Content hash of a profile (its canonical dict), so a plan names exactly what it used."""
-    blob = json.dumps(profile.to_dict(), sort_keys=True, default=str).encode()
+    """Content hash of a profile (its canonical dict), so a plan names exactly what it used.
+    The serving-path term is left out: it calibrates a deployment's path around the engine
+    (the controller refits it online), and a plan stays the plan of the same engine profile."""
+    d = profile.to_dict()
+    d.pop("serving_path", None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 

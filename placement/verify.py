@@ -41,7 +41,8 @@ def group_load(plan: Plan, group: ReplicaGroup) -> ReplicaLoad:
 def _run(job: tuple[Profile, ReplicaLoad, EngineConfig, float, int]) -> dict[str, Any]:
     profile, load, engine, duration_s, seed = job
     t0 = time.perf_counter()
-    metrics = TwinPredictor(profile, duration_s=duration_s, seed=seed).predict_one(load, engine)
+    metrics = TwinPredictor(profile, duration_s=duration_s, seed=seed).predict_one(
+        load, engine, means=True)
     metrics.update(
         {"duration_s": duration_s, "seed": seed, "wall_s": round(time.perf_counter() - t0, 3)}
     )

@@ -4,7 +4,6 @@ and recovery from the replicas can be checked exactly."""
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -160,7 +159,9 @@ def test_a_failed_transition_rolls_back(broken: str) -> None:
 # ------------------------------------------------------------------------------ the core
 @pytest.fixture
 def core(tmp_path) -> tuple[ControllerCore, FakeCluster, list[float]]:
-    profile = load_profile("tiny-llama-cpu")
+    # the control logic on the engine alone: its sizes are the engine's, whatever serving-path
+    # term the shipped profile carries (tests/test_online_calibration.py covers the term)
+    profile = load_profile("tiny-llama-cpu").with_serving_path(None)
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
     plan = make_plan(workload(10.0), ctx)
     plan.to_yaml(tmp_path / "plan.yaml")
@@ -172,7 +173,7 @@ def core(tmp_path) -> tuple[ControllerCore, FakeCluster, list[float]]:
                                   drift=DriftConfig(gap=10.0))
     cluster = FakeCluster()
     c = ControllerCore(serving, settings, cluster, ctx, clock=lambda: now[0])
-    c.verify = functools.partial(c.verify.func, **{**c.verify.keywords, "workers": 1})
+    c.verify_workers = 1
     return c, cluster, now
 
 
@@ -616,3 +617,31 @@ def test_a_whatif_waits_for_a_running_transition(core, monkeypatch) -> None:
     assert out["workload"]["total_rate_rps"] == pytest.approx(
         2 * planned_workload(c.plan).total_rate_rps, rel=0.25)
     assert not c.busy.locked()
+
+
+def test_online_calibration_follows_slow_engines_and_feeds_the_twin(core) -> None:
+    """Engines whose tokens come 200 ms apart (the twin says far less), nothing queued: the
+    step scale moves one bounded step per gap check, a jump event says so, and the next twin
+    run already predicts slower decoding."""
+    c, _, now = core
+    c.bootstrap()
+    planned = planned_workload(c.plan)
+    for _ in range(25):
+        now[0] += 1.0
+        for ep, m in c.members.items():
+            done = {a.id: 1 for a in planned.adapters if a.id in m.adapters}
+            n = sum(done.values())
+            c.ingest(batch(ep, now[0], done, finished=done,
+                           prompt_tokens={a: 256 for a in done},
+                           output_tokens={a: 128 for a in done}, ttft_ms_sum=50.0 * n,
+                           latency_ms_sum=(50.0 + 127 * 200.0) * n,
+                           adapters_held=sorted(m.adapters)))
+        c.ingest_offered(batch("ing-1", now[0], {a.id: 1 for a in planned.adapters}))
+    first = c.live_vs_predicted(planned, now[0])
+    assert c.calibration.updates == 1 and c.calibration.step_scale == pytest.approx(1.10)
+    assert first["calibration"]["summary"].startswith("step x")
+    assert [e["kind"] for e in c.events].count("calibration_jump") == 1
+    second = c.live_vs_predicted(planned, now[0])
+    for rid, r in second["replicas"].items():
+        assert r["predicted"]["itl_mean_ms"] > 1.05 * first["replicas"][rid]["predicted"][
+            "itl_mean_ms"]

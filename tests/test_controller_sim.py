@@ -57,7 +57,7 @@ def fleet(ray_cluster, tmp_path_factory):
     from orchestrator.control.actor import start_controller
     from orchestrator.serving.spec import ServingSpec
 
-    profile = load_profile("tiny-llama-cpu")
+    profile = load_profile("tiny-llama-cpu").with_serving_path(None)  # sim engines
     ctx = PlacementContext.for_profile(profile, make_predictor("analytic", profile))
     plan = make_plan(hot_workload(SHIFT_START_HOT, SHIFT_RATE), ctx)
     assert plan.replicas == 2  # the scenario below is built on this starting point

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from orchestrator.serving.ingress import ENGINE_HEADER, REPLICA_HEADER
@@ -336,3 +337,37 @@ def test_the_edge_on_serve_limits_and_a_client_gone(sim_app, ray_cluster, via: s
             break  # aborted: had it run to the end it would be counted completed, not failed
         assert time.monotonic() < deadline, f"the engine request was not aborted: {rep}"
         time.sleep(0.5)
+
+
+def test_serving_path_stamps_and_fit_on_the_sim(sim_app) -> None:
+    """The stamps come in hop order, only when asked for; and the serving-path fit, run on a
+    sim replica (the twin's own engine in real time), gives a term with which the twin's
+    replay is the measurement."""
+    from load_tests.openloop import STAMPS, run_openloop
+    from orchestrator.measure.serving_path import HOPS, fit_window
+    from twin.profile import load_profile
+    from twin.workload import Workload
+
+    plan, _, url = sim_app
+    body = {"model": "adapter-0001", "prompt": [11] * 16, "max_tokens": 4, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        plain = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert plain[-1] == "data: [DONE]" and not any("lorafleet_timing" in ln for ln in plain)
+    workload = Workload.from_yaml(Path(__file__).parent.parent / "examples"
+                                  / "workload_cpu_calibrate.yaml").scaled(2.0)
+    res = asyncio.run(run_openloop(workload, url, 15.0, seed=4, timing=True))
+    assert not res.errors and res.stamps is not None
+    done = np.isfinite(res.meas.finish_s)
+    assert done.sum() > 40
+    order = np.stack([res.stamps[k][done] for k in STAMPS])
+    assert np.isfinite(order).all()  # every completed request was stamped at every hop
+    assert (np.diff(order, axis=0) > -2e-3).all()  # in hop order (clock reads: 2 ms slack)
+    run = fit_window([res], plan, load_profile("tiny-llama-cpu"), source="test")
+    assert set(run.term.breakdown_ms) == {h[0] for h in HOPS}
+    assert run.term.fitted_on == int(done.sum())
+    # with the fitted term, the replay is the measurement up to the window's noise: first
+    # tokens (the path) and decoding (the sim runs the profile's serving-time steps)
+    for key in ("ttft_median_ms", "tpot_mean_ms"):
+        measured, replayed = res.metrics[key], run.replayed[key]
+        assert abs(replayed - measured) <= max(0.3 * measured, 5.0), (key, replayed, measured)

@@ -150,6 +150,11 @@ class StepTimeModel:
         out["cuda_graph_max_tokens"] = self.cuda_graph_max_tokens
         return out
 
+    def scaled(self, factor: float) -> StepTimeModel:
+        """Every step ``factor`` times as long (all terms are linear in the coefficients)."""
+        return StepTimeModel.from_vector(self.as_vector() * float(factor),
+                                         self.cuda_graph_max_tokens)
+
     def as_vector(self) -> np.ndarray:
         return np.array([getattr(self, f) for f in FEATURES], dtype=float)
 

@@ -2,14 +2,15 @@
 
 A profile is data (YAML under ``profiles/``); this module loads, validates and queries it:
 step-time coefficients, KV-cache capacity as a function of (max_loras, max_lora_rank), adapter
-load latencies, and the scheduler details that changed across vLLM versions.
+load latencies, the scheduler details that changed across vLLM versions, and (when measured)
+what the serving path adds to a client's latency (``twin.serving_path``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 
 from twin.config import EngineConfig
 from twin.latency import StepTimeModel
+from twin.serving_path import ServingPath, ServingPathError
 
 PROFILE_FORMAT_VERSION = 1
 REPO_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -216,6 +218,26 @@ class Profile:
     default_engine: dict[str, Any] = field(default_factory=dict)
     fit_report: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    serving_path: ServingPath | None = None  # None: not measured, the twin times the engine
+
+    def serving(self) -> Profile:
+        """The profile the engine runs with under serving: steps as the serving path's
+        contention makes them (``step_scale`` x (steps + ``prefill_token_ms`` per prompt
+        token), plus ``decode_seq_ms`` per decoding sequence, eager or graph); itself when no
+        term was measured."""
+        t = self.serving_path
+        if t is None or (t.step_scale == 1.0 and t.decode_seq_ms == 0.0
+                         and t.prefill_token_ms == 0.0):
+            return self
+        m = replace(self.step_model,
+                    prefill_tokens=self.step_model.prefill_tokens + t.prefill_token_ms)
+        m = m.scaled(t.step_scale)
+        m = replace(m, eager_decode_seqs=m.eager_decode_seqs + t.decode_seq_ms,
+                    graph_decode_tokens=m.graph_decode_tokens + t.decode_seq_ms)
+        return replace(self, step_model=m)
+
+    def with_serving_path(self, term: ServingPath | None) -> Profile:
+        return replace(self, serving_path=term)
 
     # --- queries -------------------------------------------------------------------------
     def kv_tokens(self, config: EngineConfig) -> int:
@@ -271,6 +293,7 @@ class Profile:
             "default_engine": dict(self.default_engine),
             "fit_report": self.fit_report,
             "provenance": self.provenance,
+            **({"serving_path": self.serving_path.to_dict()} if self.serving_path else {}),
         }
 
     def to_yaml(self, path: str | Path) -> None:
@@ -289,7 +312,7 @@ class Profile:
         known = {
             "format_version", "name", "gpu", "model", "vllm_version", "max_model_len",
             "step_model", "kv_capacity", "adapter_loads", "scheduler", "default_engine",
-            "fit_report", "provenance",
+            "fit_report", "provenance", "serving_path",
         }
         unknown = sorted(set(d) - known)
         if unknown:
@@ -317,6 +340,7 @@ class Profile:
             default_engine=dict(d.get("default_engine") or {}),
             fit_report=dict(d.get("fit_report") or {}),
             provenance=dict(d.get("provenance") or {}),
+            serving_path=_serving_path(d.get("serving_path"), f"{where}.serving_path"),
         )
 
     @classmethod
@@ -327,6 +351,15 @@ class Profile:
         except yaml.YAMLError as exc:
             raise ProfileError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(data, where=str(path.name))
+
+
+def _serving_path(d: Any, where: str) -> ServingPath | None:
+    if d is None:
+        return None
+    try:
+        return ServingPath.from_dict(d, where)
+    except ServingPathError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def profile_dirs() -> list[Path]:
@@ -346,15 +379,20 @@ def available_profiles() -> list[str]:
 
 def load_profile(name_or_path: str | Path) -> Profile:
     """A profile by file path or by name (the file stem, e.g. the reference tables' `model`)."""
+    return Profile.from_yaml(profile_path(name_or_path))
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    """The file of a profile given by path or by name (``load_profile``)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.exists():
             raise ProfileError(f"profile file not found: {candidate}")
-        return Profile.from_yaml(candidate)
+        return candidate
     for d in profile_dirs():
         path = d / f"{name_or_path}.yaml"
         if path.exists():
-            return Profile.from_yaml(path)
+            return path
     raise ProfileError(
         f"no profile named {str(name_or_path)!r}; available: {available_profiles() or 'none'} "
         f"(searched {[str(d) for d in profile_dirs()]}); run `lorafleet calibrate` to make one"

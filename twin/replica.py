@@ -42,6 +42,7 @@ _TWIN_KEYS: dict[str, str] = {
     "itl_p99_ms": "itl_p99_ms",
     "starved": "starved",
 }
+_MEAN_KEYS = {"ttft_mean_ms": "ttft_mean_ms", "itl_mean_ms": "itl_mean_ms"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,8 +194,10 @@ class TwinPredictor:
         return [self.predict_one(load, cfg) for load, cfg in zip(loads, configs, strict=True)]
 
     def predict_one(self, load: ReplicaLoad, config: EngineConfig,
-                    duration_s: float | None = None) -> dict[str, float]:
-        """One run of ``duration_s`` simulated seconds (default ``self.duration_s``)."""
+                    duration_s: float | None = None, *, means: bool = False
+                    ) -> dict[str, float]:
+        """One run of ``duration_s`` simulated seconds (default ``self.duration_s``);
+        ``means`` adds the TTFT and ITL means (what live telemetry can be compared with)."""
         from twin.simulate import simulate
 
         seconds = self.duration_s if duration_s is None else float(duration_s)
@@ -202,4 +205,5 @@ class TwinPredictor:
             load.to_workload(duration_s=seconds), config, self.profile, seed=self.seed,
             client_max_inflight=load.client_max_inflight,
         )
-        return {k: result.metrics[v] for k, v in _TWIN_KEYS.items()}
+        keys = {**_TWIN_KEYS, **_MEAN_KEYS} if means else _TWIN_KEYS
+        return {k: result.metrics[v] for k, v in keys.items()}

@@ -6,7 +6,7 @@ no randomness but the seed, identical inputs give bit-identical results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,9 @@ class SimResult:
     records: RequestRecords
     timeseries: dict[str, np.ndarray]
     engine: EngineResult
+    # the inter-token gaps the ITL figures pooled (the client's when the serving path applied)
+    itl_gaps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    itl_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able summary printed by `lorafleet simulate --json`."""
@@ -91,13 +94,23 @@ def simulate_requests(
     record_trace: bool = False,
     timeseries_interval_s: float = 10.0,
     client_max_inflight: int | None = None,
+    serving: bool = True,
+    seed: int = 0,
 ) -> SimResult:
-    """Run the engine on an explicit request batch (replayed traces, calibration sweeps)."""
+    """Run the engine on an explicit request batch (replayed traces, calibration sweeps).
+
+    With ``serving`` (the default) and a profile that measured its serving path, the figures are
+    a client's: the engine's steps scaled by the path's contention, its TTFT and gaps added
+    (``twin.serving_path``; ``seed`` seeds their noise draws). ``serving=False``, or a profile
+    without the term, times the engine alone; ``metrics["latency_view"]`` says which."""
     ids = adapter_ids or [str(i) for i in range(len(adapter_ranks))]
     used = sorted(set(requests.adapter[requests.adapter >= 0].tolist()))
     check_adapter_ranks(
         [adapter_ranks[i] for i in used], [ids[i] for i in used], config.max_lora_rank
     )
+    term = profile.serving_path if serving else None
+    if term is not None:
+        profile = profile.serving()
     eng = run_engine(
         requests.arrival_s,
         requests.adapter,
@@ -111,23 +124,32 @@ def simulate_requests(
         timeseries_interval_s=timeseries_interval_s,
         client_max_inflight=client_max_inflight,
     )
+    first, finish = eng.first_token_s, eng.finish_s
+    gaps, gap_w = eng.itl_gap_ms, eng.itl_weight
+    if term is not None:
+        first, finish = term.apply(requests.arrival_s, requests.prompt_len, first, finish, seed)
+        gaps, gap_w = term.itl_gaps(np.concatenate([gaps, eng.preempt_gap_ms]),
+                                    np.concatenate([gap_w, np.ones(len(eng.preempt_gap_ms))]),
+                                    seed)
     rec = RequestRecords(
         arrival_s=requests.arrival_s,
         adapter=requests.adapter,
         prompt_len=requests.prompt_len,
         output_len=requests.output_len,
-        first_token_s=eng.first_token_s,
-        finish_s=eng.finish_s,
+        first_token_s=first,
+        finish_s=finish,
         generated=eng.generated,
         preemptions=eng.preemptions,
         rejected=eng.rejected,
     )
     metrics = aggregate_metrics(
-        rec, duration_s, eng.itl_gap_ms, eng.itl_weight, eng.preempt_gap_ms,
+        rec, duration_s, gaps, gap_w,
+        eng.preempt_gap_ms if term is None else np.zeros(0),
         quantiles=selected_quantiles,
     )
     metrics.update(
         {
+            "latency_view": "client" if term is not None else "engine",
             "client_dropped": int(eng.dropped.sum()),
             "simulated_s": eng.simulated_s,
             "wall_s": eng.wall_s,
@@ -144,6 +166,9 @@ def simulate_requests(
         records=rec,
         timeseries=eng.timeseries,
         engine=eng,
+        itl_gaps_ms=gaps if term is not None else np.concatenate([gaps, eng.preempt_gap_ms]),
+        itl_weights=(gap_w if term is not None else np.concatenate(
+            [np.asarray(gap_w, dtype=float), np.ones(len(eng.preempt_gap_ms))])),
     )
 
 
@@ -156,10 +181,12 @@ def simulate(
     *,
     record_trace: bool = False,
     client_max_inflight: int | None = None,
+    serving: bool = True,
 ) -> SimResult:
     """Generate the workload's requests with ``seed`` and run one engine on them.
 
-    ``client_max_inflight``: see ``twin.engine.run_engine`` (None: an unbounded client).
+    ``client_max_inflight``: see ``twin.engine.run_engine`` (None: an unbounded client);
+    ``serving``: see ``simulate_requests``.
     """
     window = float(duration_s if duration_s is not None else workload.duration_s)
     requests = generate_requests(workload, window, seed=seed)
@@ -172,4 +199,6 @@ def simulate(
         [a.id for a in workload.adapters],
         record_trace=record_trace,
         client_max_inflight=client_max_inflight,
+        serving=serving,
+        seed=seed,
     )

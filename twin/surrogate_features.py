@@ -233,7 +233,7 @@ class FeatureBuilder:
     """Builds feature matrices for one profile; memoises the few per-config profile lookups."""
 
     def __init__(self, profile: Profile) -> None:
-        sm = profile.step_model
+        sm = profile.serving().step_model  # the twin's steps, serving-path contention included
         self.profile = profile
         self._coef = np.array([float(getattr(sm, name, 0.0)) for name in _STEP_COEFS])
         self._kv: dict[tuple[int, int, bool], float] = {}

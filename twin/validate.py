@@ -182,6 +182,14 @@ def measured_starved(row: pd.Series) -> bool:
     return bool(row["total_throughput_tps"] < STARVATION_THRESHOLD * offered)
 
 
+def through_serving_path(row: pd.Series) -> bool:
+    """Whether a run was measured by a client of a server (the reference benchmark, lorafleet's
+    serving path) - the twin adds the profile's serving path - or in-process (``lorafleet
+    bench``'s engine: the twin times the engine alone)."""
+    engine = row.get("engine")
+    return not isinstance(engine, str) or not engine or engine.startswith("lorafleet-serve")
+
+
 def _predict_one(args: tuple[dict[str, Any], str, int, int | None, float]) -> dict[str, Any]:
     row_dict, profile_ref, default_seed, default_cap, output_scale = args
     row = pd.Series(row_dict)
@@ -189,7 +197,8 @@ def _predict_one(args: tuple[dict[str, Any], str, int, int | None, float]) -> di
     seed = run_seed(row, default_seed)
     workload, config = run_workload(row, seed, output_scale)
     cap = run_client_cap(row, default_cap)
-    res = simulate(workload, config, profile, seed=seed, client_max_inflight=cap)
+    res = simulate(workload, config, profile, seed=seed, client_max_inflight=cap,
+                   serving=through_serving_path(row))
     m = res.metrics
     return {
         "model": row["model"],

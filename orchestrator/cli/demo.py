@@ -6,8 +6,9 @@
 3. deploy the plan with real vLLM replicas on a private local Ray head (control/deploy.py);
 4. drive it open loop with the workload's own requests for a short window
    (load_tests/openloop.py, the twin's metric definitions);
-5. print measured vs predicted per replica, then shut everything down (the head this job
-   started, by PID - a failure on the way still shuts down).
+5. print, per replica, measured vs the twin's replay of exactly the requests sent (and the
+   plan's one-hour prediction beside), then shut everything down (the head this job started,
+   by PID - a failure on the way still shuts down).
 
 ``lorafleet demo --twin-only`` is the earlier job: a measured H100 hour vs the twin's replay.
 """
@@ -40,7 +41,7 @@ ROWS = (  # (label, measured key, predicted key, format)
     ("ITL p50 (ms)", "itl_median_ms", "itl_p50_ms", "{:,.2f}"),
     ("ITL p99 (ms)", "itl_p99_ms", "itl_p99_ms", "{:,.2f}"),
     ("starved", "starved", "starved", "{}"),
-)
+)  # the plan's figures are per replica-hour at the nominal rates
 
 
 def add_arguments(p: argparse.ArgumentParser, *, twin_only: Callable[[argparse.Namespace], int]
@@ -65,6 +66,27 @@ def _cli(*args: str) -> None:
                            f"{res.stdout[-2000:]}")
 
 
+def _err(m: Any, p: Any) -> str:
+    if isinstance(m, float) and isinstance(p, float) and p and math.isfinite(m):
+        return f"{(p - m) / m * 100:+.1f} %" if m else "-"
+    return "-"
+
+
+def comparison_table(title: str, measured: dict[str, Any], replayed: dict[str, Any],
+                     engine_alone: dict[str, Any], predicted: Any) -> Table:
+    """Measured vs replayed (same requests; error = replayed / measured - 1), the same replay
+    without the serving path (the engine alone), and the plan's hour."""
+    tab = Table(title=title, header_style="bold")
+    for col in ("metric", "measured", "replayed", "error", "engine alone", "error",
+                "plan (1 h)"):
+        tab.add_column(col, justify="left" if col == "metric" else "right")
+    for label, mk, pk, fmt in ROWS:
+        m, r, e = measured.get(mk), replayed.get(mk), engine_alone.get(mk)
+        tab.add_row(label, _fmt(fmt, m), _fmt(fmt, r), _err(m, r), _fmt(fmt, e), _err(m, e),
+                    _fmt(fmt, predicted.get(pk)))
+    return tab
+
+
 def _fmt(fmt: str, v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -77,16 +99,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from load_tests.openloop import build_openloop_row, run_openloop
     from orchestrator.cli.deploy import print_controller
     from orchestrator.control.controller import ControllerSettings
-    from orchestrator.control.deploy import (
-        DeployError,
-        controller_status,
-        deploy,
-        free_port,
-        shutdown,
-    )
+    from orchestrator.control.deploy import DeployError, controller_status, local_deployment
     from orchestrator.measure.bench import append_row
+    from orchestrator.measure.replay import replay_window
     from orchestrator.serving.spec import ServingSpec
     from placement.plan import Plan
+    from twin.profile import load_profile
     from twin.workload import Workload
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -113,36 +131,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{workload.total_rate_rps:.2f} req/s offered ({groups})", highlight=False)
     spec = ServingSpec.from_args({"plan_path": str(out / "plan.yaml"), "engine": args.engine,
                                   "model": str(out / "tiny")})
-    state_dir = out / "state"
-    port = free_port()
+    down: dict[str, Any] = {}
     t = time.perf_counter()
     try:
-        with err.status("deploying...") as status:
-            # the controller watches (drift, live vs twin) but applies nothing: the demo
-            # measures the plan it deployed; no dashboard (the demo ends with a shutdown, and
-            # on two cores its polling would be in the measurement)
-            state = deploy(spec, address=None, port=port, state_dir=state_dir,
-                           settings=ControllerSettings(auto_apply=False), dashboard=False,
-                           progress=lambda m: status.update(m))
-        timings["deploy_s"] = time.perf_counter() - t
-        err.print(f"deployed {len(state.replicas)} {args.engine} replica(s) at {state.url} in "
-                  f"{timings['deploy_s']:.1f} s (Ray head pid {state.head['pid']})",
-                  highlight=False)
-        res = asyncio.run(run_openloop(
-            workload, state.url, args.duration, seed=0,
-            progress=lambda m: err.print(f"  {m}", highlight=False)))
-        with contextlib.suppress(Exception):  # the controller's view is a bonus, not the job
-            ctl = controller_status(state)
-            if ctl:
-                print_controller(console, ctl)
+        # the controller watches (drift, live vs twin) but applies nothing: the demo measures
+        # the plan it deployed
+        with err.status("deploying...") as status, local_deployment(
+                spec, out / "state", settings=ControllerSettings(auto_apply=False),
+                progress=lambda m: status.update(m), shut_down=down.update) as state:
+            timings["deploy_s"] = time.perf_counter() - t
+            status.stop()
+            err.print(f"deployed {len(state.replicas)} {args.engine} replica(s) at {state.url} "
+                      f"in {timings['deploy_s']:.1f} s (Ray head pid {state.head['pid']})",
+                      highlight=False)
+            res = asyncio.run(run_openloop(
+                workload, state.url, args.duration, seed=0,
+                progress=lambda m: err.print(f"  {m}", highlight=False)))
+            with contextlib.suppress(Exception):  # the controller's view is a bonus
+                ctl = controller_status(state)
+                if ctl:
+                    print_controller(console, ctl)
+            t = time.perf_counter()
     except DeployError as exc:
         err.print(f"[bold red]deploy failed:[/] {exc}")
         return 1
     finally:
-        t = time.perf_counter()
-        if (state_dir / "deploy.json").exists():
-            with err.status("shutting down..."):
-                down = shutdown(state_dir)
+        if down:
             timings["shutdown_s"] = time.perf_counter() - t
             left = down.get("leftover_pids") or []
             err.print(f"shut down in {timings['shutdown_s']:.1f} s; "
@@ -152,24 +166,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     append_row(out / "runs.csv", row)
     if res.errors:
         err.print(f"{len(res.errors)} request(s) failed; first: {res.errors[0]}")
+    profile = load_profile(plan.profile.name)
+    replay = replay_window(res, plan, profile, seed=0)
+    alone = replay_window(res, plan, profile.with_serving_path(None), seed=0)
+    if profile.serving_path is None:
+        err.print(f"[yellow]profile {profile.name} has no serving-path term: the twin times the "
+                  "engine alone (lorafleet profile --serving-path)[/]")
     source = plan.metrics_source()
     for g in plan.groups:
         pred = g.verified if source == "verified" and g.verified else g.predicted
         for c in range(g.copies):
             rid = f"{g.name}/{c}"
-            meas = res.per_replica.get(rid, {})
-            tab = Table(title=f"replica {rid} ({args.engine}, {len(g.adapters)} adapters, "
-                        f"max_loras {g.engine.max_loras}): measured over {args.duration:g} s vs "
-                        f"the plan's {source} prediction", header_style="bold")
-            for col in ("metric", "measured", "predicted", "error"):
-                tab.add_column(col, justify="left" if col == "metric" else "right")
-            for label, mk, pk, fmt in ROWS:
-                m, p = meas.get(mk), pred.get(pk)
-                e = "-"
-                if isinstance(m, float) and isinstance(p, float) and p and math.isfinite(m):
-                    e = f"{(m - p) / p * 100:+.1f} %"
-                tab.add_row(label, _fmt(fmt, m), _fmt(fmt, p), e)
-            console.print(tab)
+            console.print(comparison_table(
+                f"replica {rid} ({args.engine}, {len(g.adapters)} adapters, max_loras "
+                f"{g.engine.max_loras}): {args.duration:g} s measured vs the twin's replay of "
+                f"the same requests, and the plan's {source} hour",
+                res.per_replica.get(rid, {}), replay.per_replica.get(rid, {}),
+                alone.per_replica.get(rid, {}), pred))
     m = res.metrics
     console.print(
         f"all replicas: {m['completed']} of {m['offered_requests']} requests completed, "

@@ -263,15 +263,19 @@ def print_controller(console: Console, ctl: dict[str, Any]) -> None:
         t = Table(title=f"live vs twin for the observed workload ({gap['twin_window_s']:g} "
                   "simulated s per replica)", header_style="bold")
         for c in ("replica", "req/s", "tok/s", "twin tok/s", "gap", "TTFT mean ms",
-                  "twin TTFT p50 ms", "gap"):
+                  "twin TTFT mean ms", "gap"):
             t.add_column(c, justify="left" if c == "replica" else "right")
         for rid, r in gap["replicas"].items():
             live, pred, g = r["live"], r["predicted"], r["gap"]
             t.add_row(rid, _f(live.get("request_rate_rps"), "{:.2f}"),
                       _f(live.get("total_throughput_tps")), _f(pred.get("total_throughput_tps")),
                       _f(g.get("throughput"), "{:+.0%}"), _f(live.get("ttft_mean_ms")),
-                      _f(pred.get("ttft_p50_ms")), _f(g.get("ttft"), "{:+.0%}"))
+                      _f(pred.get("ttft_mean_ms", pred.get("ttft_p50_ms"))),
+                      _f(g.get("ttft"), "{:+.0%}"))
         console.print(t)
+        cal = gap.get("calibration") or {}
+        if cal:
+            console.print(f"  online calibration: {cal.get('summary')}", highlight=False)
     elif gap.get("why"):
         console.print(f"  live vs twin: {gap['why']}")
     events = [e for e in ctl.get("events", []) if e["kind"] != "drift"][-8:]

@@ -4,6 +4,7 @@ commands (docs/twin.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from orchestrator.cli import output
 from orchestrator.cli.output import CLIError, print_json
+from twin.profile import Profile
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,7 +111,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = None
+    if out.exists():  # a serving path measured for this profile stays (it is not in the data)
+        with contextlib.suppress(ValueError):
+            kept = Profile.from_yaml(out).serving_path
+        profile = profile.with_serving_path(kept)
     profile.to_yaml(out)
+    if kept is not None:
+        source = kept.source or "measured earlier"
+        output.err_console.print(f"kept {out}'s serving-path term ({source}); `lorafleet "
+                                 "profile --serving-path` re-measures it", highlight=False)
     if args.json:
         print_json({"profile": str(out), **report})
         return 0
@@ -231,7 +242,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     from twin.profile import available_profiles, load_profile
 
     table = Table(title="profiles", header_style="bold")
-    for col in ("name", "gpu", "model", "vLLM", "max_model_len", "held-out step SMAPE %"):
+    for col in ("name", "gpu", "model", "vLLM", "max_model_len", "held-out step SMAPE %",
+                "serving path"):
         table.add_column(col)
     for name in available_profiles():
         p = load_profile(name)
@@ -239,6 +251,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         table.add_row(
             name, p.gpu, p.model, p.vllm_version, f"{p.max_model_len:,}",
             "-" if smape is None else f"{smape:.2f}",
+            p.serving_path.describe() if p.serving_path else
+            "[yellow]not measured: latencies are the engine's alone[/]",
         )
     output.console.print(table)
     return 0

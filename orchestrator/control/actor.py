@@ -175,6 +175,8 @@ def placement_context(serving: ServingSpec, predictor: str | None
 
     plan = serving.plan
     profile = load_profile(plan.profile.name)
+    if serving.engine == "sim":  # a sim replica is the engine alone: no vLLM frontend around it
+        profile = profile.with_serving_path(None)
     name = predictor or plan.predictor
     off = None
     if name not in PREDICTORS:

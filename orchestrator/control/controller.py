@@ -31,7 +31,6 @@ Ray's key-value store.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import threading
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.control.calibration import CalibrationConfig, OnlineCalibration
 from orchestrator.control.drift import (
     DriftConfig,
     calibration_notes,
@@ -81,7 +81,8 @@ DESCRIBE_TIMEOUT_S = 15.0
 RECOVER_RETRY_S = (2.0, 30.0)  # first and longest wait between recovery attempts
 MIN_CAPACITY_FACTOR = 0.25  # queue evidence never makes plans assume less of the twin's capacity
 CAPACITY_EVIDENCE_SHARE = 0.95  # a saturated replica finishing less of the twin's capacity lacks it
-_GAP_KEYS = ("request_rate_rps", "total_throughput_tps", "ttft_mean_ms", "ttft_p50_ms")
+_GAP_KEYS = ("request_rate_rps", "total_throughput_tps", "ttft_mean_ms", "ttft_p50_ms",
+             "itl_mean_ms", "finished", "waiting", "failed")
 
 
 class ControllerError(RuntimeError):
@@ -136,6 +137,7 @@ class ControllerSettings:
     scale_down_span_s: float | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
     replan: ReplanConfig = field(default_factory=ReplanConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
         for name in ("window_s", "check_interval_s", "gap_interval_s", "verify_window_s",
@@ -224,8 +226,9 @@ class ControllerCore:
         self.ops = ops
         self.ctx = ctx
         self.clock = clock
-        self.verify = functools.partial(verify_plans, profile=ctx.profile,
-                                        duration_s=settings.verify_window_s, mapper=mapper)
+        self.mapper = mapper
+        self.verify_workers: int | None = None  # without a mapper: verify_plans' pool size
+        self.calibration = OnlineCalibration()  # the twin's serving path, refitted live
         self.lock = threading.Lock()
         self.busy = threading.Lock()  # one check/transition at a time
         # what the engines served (since the last transition) and what the ingresses were
@@ -255,6 +258,13 @@ class ControllerCore:
         self._quiet_until = -math.inf
         self._quiet_workload: Workload | None = None
         self._serial = itertools.count()
+
+    def verify(self, plans: Sequence[Plan]) -> list[Plan]:
+        """Twin runs of ``plans`` with the online-calibrated profile (drift gaps, what-if,
+        re-plan verification all see the live serving path)."""
+        pool = {"workers": self.verify_workers} if self.verify_workers else {}
+        return verify_plans(plans, profile=self.calibration.calibrated(self.ctx.profile),
+                            duration_s=self.settings.verify_window_s, mapper=self.mapper, **pool)
 
     # -- events -------------------------------------------------------------------------------
     def event(self, kind: str, **details: Any) -> dict[str, Any]:
@@ -729,8 +739,22 @@ class ControllerCore:
                 "predicted": {k: pred.get(k) for k in _GAP_KEYS},
                 "gap": {k.split(" ", 1)[1]: round(v, 4) for k, v in g.items()},
             }
+        with self.lock:
+            ingress = self.offered.live_metrics_total(now, since=self.judged_from)
+        weights = {r: float(v["live"].get("finished") or 0) for r, v in replicas.items()}
+        fleet_pred = [(weights[r], v["predicted"].get("ttft_mean_ms"))
+                      for r, v in replicas.items()]
+        total = sum(w for w, p in fleet_pred if isinstance(p, float))
+        pred_ttft = (sum(w * p for w, p in fleet_pred if isinstance(p, float)) / total
+                     if total > 0 else math.nan)
+        jumps = self.calibration.update(
+            {r: {"live": live[v["endpoint"]], "predicted": v["predicted"]}
+             for r, v in replicas.items()}, ingress, pred_ttft, self.settings.calibration)
+        if jumps:
+            self.event("calibration_jump", notes=jumps)
         return {"t": now, "twin_window_s": self.settings.verify_window_s,
-                "replicas": replicas, "gaps": gaps}
+                "replicas": replicas, "gaps": gaps,
+                "calibration": self.calibration.to_dict(self.ctx.profile)}
 
     # -- applying a plan ----------------------------------------------------------------------
     def apply(self, plan: Plan, *, detected_at: float | None = None) -> dict[str, Any]:

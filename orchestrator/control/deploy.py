@@ -13,10 +13,11 @@ finds by name and, if deploy started the head, stops exactly that process tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,20 @@ def shutdown(state_dir: str | Path | None = None,
     if not remaining:
         path.unlink(missing_ok=True)
     return result
+
+
+@contextlib.contextmanager
+def local_deployment(spec: Any, state_dir: str | Path, *, settings: Any = None,
+                     progress: Callable[[str], None] = lambda _m: None,
+                     shut_down: Callable[[dict[str, Any]], None] = lambda _r: None,
+                     ) -> Iterator[DeployState]:
+    """``deploy`` on a private local head (no dashboard: its polling would be in what a caller
+    measures) for a ``with`` block, and ``shutdown`` after it, whatever happened inside
+    (``shut_down`` gets shutdown's result). For the demo and the measurements."""
+    state_dir = Path(state_dir)
+    try:
+        yield deploy(spec, address=None, port=free_port(), state_dir=state_dir,
+                     settings=settings, dashboard=False, progress=progress)
+    finally:
+        if (state_dir / STATE_FILE).exists():
+            shut_down(shutdown(state_dir, progress=progress))

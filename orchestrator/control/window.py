@@ -391,11 +391,12 @@ class WorkloadWindow:
         self._prune_all(now)
         start, end = self.span(now, since)
         q = self._batches.get(replica) or deque()
-        covered = arrivals = finished = tokens = ttft = latency = failed = 0.0
+        covered = arrivals = finished = tokens = out = ttft = latency = failed = 0.0
         for b, w in _weighted(q, start, end):
             covered += b.duration_s * w
             arrivals += w * sum(b.arrivals.values())
             finished += w * sum(b.finished.values())
+            out += w * sum(b.output_tokens.values())
             tokens += w * (sum(b.prompt_tokens.values()) + sum(b.output_tokens.values()))
             ttft += w * b.ttft_ms_sum
             latency += w * b.latency_ms_sum
@@ -407,12 +408,27 @@ class WorkloadWindow:
             "total_throughput_tps": tokens / covered if covered > 0 else math.nan,
             "ttft_mean_ms": ttft / finished if finished > 0 else math.nan,
             "latency_mean_ms": latency / finished if finished > 0 else math.nan,
+            # decode time per decoded token, the twin's ITL mean
+            "itl_mean_ms": (latency - ttft) / (out - finished) if out > finished else math.nan,
             "finished": round(finished),
             "failed": round(failed),
             "running": last.running if last else 0,
             "waiting": last.waiting if last else 0,
             "adapters_held": last.adapters_held if last else (),
         }
+
+    def live_metrics_total(self, now: float, *, since: float | None = None) -> dict[str, Any]:
+        """``live_metrics`` of every source together (the ingress replicas: the fleet as its
+        clients see it): TTFT and ITL means weighted by finished requests, failures summed."""
+        parts = [self.live_metrics(now, r, since=since) for r in self.replicas]
+        done = sum(p["finished"] for p in parts)
+        out: dict[str, Any] = {"finished": done, "failed": sum(p["failed"] for p in parts),
+                               "waiting": 0}
+        for key in ("ttft_mean_ms", "itl_mean_ms"):
+            got = [(p["finished"], p[key]) for p in parts if math.isfinite(p[key])]
+            n = sum(w for w, _ in got)
+            out[key] = sum(w * v for w, v in got) / n if n else math.nan
+        return out
 
     def queue_series(
         self, now: float, replica: str, *, since: float | None = None

@@ -1111,6 +1111,21 @@ def add_parser(subparsers: Any) -> None:
     _add_arguments(p)
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="kill the profiling process after this many seconds (default 1800)")
+    s = p.add_argument_group(
+        "serving-path mode", "instead of the step sweeps: deploy listener -> ingress -> one "
+        "replica of --model, drive a calibration workload with per-request stamps, fit what the "
+        "serving path adds to a client's TTFT and gaps, and write it into PROFILE")
+    s.add_argument("--serving-path", metavar="PROFILE", default=None,
+                   help="profile name or YAML to fit and write the serving-path term into")
+    s.add_argument("--serving-engine", choices=("vllm", "sim"), default="vllm",
+                   help="the replica's engine (default vllm)")
+    s.add_argument("--workload", default=str(REPO_ROOT / "examples" /
+                                             "workload_cpu_calibrate.yaml"),
+                   help="calibration workload (default examples/workload_cpu_calibrate.yaml)")
+    s.add_argument("--duration", type=float, default=60.0, help="measured window (s)")
+    s.add_argument("--refit", metavar="DIR", default=None,
+                   help="fit the windows an earlier --serving-path run saved in DIR again "
+                   "(no deployment)")
     p.set_defaults(func=cmd_profile)
 
 
@@ -1154,6 +1169,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    if getattr(args, "serving_path", None):
+        from orchestrator.measure.serving_path import cmd_serving_path
+
+        return cmd_serving_path(args)
     console, err = Console(), Console(stderr=True)
     out = Path(args.output or default_output(args.model_name)).expanduser().resolve()
     try:

@@ -56,6 +56,11 @@ from orchestrator.serving.telemetry import RequestRecord, Telemetry
 
 REPLICA_HEADER = "x-lorafleet-replica"
 ENGINE_HEADER = "x-lorafleet-engine"
+# a streamed request carrying this header gets a last event (before [DONE], no choices) with the
+# wall-clock stamps of its way through the serving path: {"lorafleet_timing": {"ingress_arrival",
+# "engine_arrival", "engine_first", "ingress_first"}} (seconds); what `lorafleet profile
+# --serving-path` fits the twin's serving-path term from
+TIMING_HEADER = "x-lorafleet-timing"
 DEFAULT_TIMEOUT_S = 300.0  # a whole non-streamed request / the gap between streamed tokens
 CLIENT_GONE = 499  # nginx's "client closed request": the metrics' status for an aborted one
 UNKNOWN_MODEL_LABEL = "unknown"
@@ -441,6 +446,7 @@ def build_api(core: IngressCore) -> FastAPI:
     async def run(request: Request, body: CompletionRequest | ChatCompletionRequest,
                   chat: bool) -> Response:
         model = body.model
+        arrival_wall = time.time()
         try:
             core.authorize(request.headers.get("authorization"), model)
         except ServingError as exc:
@@ -476,7 +482,8 @@ def build_api(core: IngressCore) -> FastAPI:
                                 headers=_headers(rid, result.get("engine", engine)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(core, model, stream, rid_text, chat, include_usage, t0, arrival),
+            _sse(core, model, stream, rid_text, chat, include_usage, t0, arrival,
+                 arrival_wall if TIMING_HEADER in request.headers else None),
             media_type="text/event-stream",
             headers=_headers(stream.rid, stream.first.get("engine", engine)),
         )
@@ -593,10 +600,14 @@ class _BodyLimit:
 
 
 async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: str, chat: bool,
-               include_usage: bool, t0: float, arrival: float) -> AsyncIterator[str]:
-    """OpenAI server-sent events: chunks, optional usage chunk, ``[DONE]``."""
+               include_usage: bool, t0: float, arrival: float, timed: float | None = None
+               ) -> AsyncIterator[str]:
+    """OpenAI server-sent events: chunks, optional usage chunk, the serving-path stamps when
+    asked for (``timed``: the ingress's wall-clock arrival; ``TIMING_HEADER``), ``[DONE]``."""
     rid, first, it = stream.rid, stream.first, stream.rest
     created = int(time.time())
+    stamps = {"ingress_arrival": timed, "engine_arrival": first.get("t_arrival"),
+              "engine_first": None, "ingress_first": None}
     n_out, status, got_first = 0, 200, False
     first_at = math.nan
     served = False  # ended normally (not an error, an abort or a client gone mid-stream)
@@ -629,6 +640,7 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
                 yield _event(chunk_body(request_id, model, created, True, "", None, role=True))
             if item["n"] and not got_first:
                 got_first = True
+                stamps["engine_first"], stamps["ingress_first"] = item.get("t_first"), time.time()
                 first_at = core.offered.clock()
                 core.m_ttft.labels(str(rid)).observe(core.clock() - t0)
             n_out += item["n"]
@@ -641,6 +653,11 @@ async def _sse(core: IngressCore, model: str, stream: OpenStream, request_id: st
             body = chunk_body(request_id, model, created, chat, None, None)
             body["choices"] = []
             body["usage"] = usage(int(first.get("prompt_tokens", 0)), n_out)
+            yield _event(body)
+        if timed is not None:
+            body = chunk_body(request_id, model, created, chat, None, None)
+            body["choices"] = []
+            body["lorafleet_timing"] = stamps
             yield _event(body)
         yield "data: [DONE]\n\n"
     except (GeneratorExit, asyncio.CancelledError):  # the client went away mid-stream

@@ -75,10 +75,12 @@ class ReplicaCore:
         await self.backend.stop()
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        """Dicts: first ``{"replica", "engine", "prompt_tokens"}``, then ``{"text", "n"}``
-        pieces, the last with ``finish_reason``; or a single ``{"error": ...}``."""
+        """Dicts: first ``{"replica", "engine", "prompt_tokens", "t_arrival"}``, then ``{"text",
+        "n"}`` pieces (the first with a token also ``t_first``), the last with
+        ``finish_reason``; or a single ``{"error": ...}``. ``t_*``: wall-clock seconds."""
         adapter = request.adapter or ""
         arrival = self.telemetry.arrived(adapter)
+        arrival_wall = time.time()  # wall clock: the serving-path stamps (module ingress)
         first = finish = math.nan
         n_prompt = n_out = 0
         ok = False
@@ -87,15 +89,17 @@ class ReplicaCore:
                 if d.n_tokens == 0 and d.finish_reason is None:
                     n_prompt = d.prompt_tokens
                     yield {"replica": self.name, "engine": self.backend.kind,
-                           "prompt_tokens": n_prompt}
+                           "prompt_tokens": n_prompt, "t_arrival": arrival_wall}
                     continue
+                item = {"text": d.text, "n": d.n_tokens, "finish_reason": d.finish_reason}
                 if d.n_tokens and math.isnan(first):
                     first = self.telemetry.clock()
+                    item["t_first"] = time.time()
                 n_out += d.n_tokens
                 if d.finish_reason is not None:
                     finish = self.telemetry.clock()
                     ok = d.finish_reason != "abort"
-                yield {"text": d.text, "n": d.n_tokens, "finish_reason": d.finish_reason}
+                yield item
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -81,7 +81,10 @@ class SimEngine:
         if self.max_model_len:
             engine = dataclasses.replace(engine, max_model_len=self.max_model_len)
         self._index = {a: i for i, a in enumerate(self.adapters)}
-        self._core = EngineCore(engine, self.profile, list(self.adapters.values()))
+        # the engine alone: a sim replica has no vLLM frontend, so no serving-path term (the
+        # controller of a sim fleet plans without it too: control/actor.py)
+        self._core = EngineCore(engine, self.profile.with_serving_path(None),
+                                list(self.adapters.values()))
         self._core.collect = True
         self.max_model_len = self._core.max_len
 
