@@ -20,11 +20,8 @@ from typing import Any
 import numpy as np
 
 from load_tests.openloop import OpenLoopResult, run_openloop
-from orchestrator.control.controller import ControllerSettings
-from orchestrator.control.deploy import local_deployment
+from orchestrator.measure.one_replica import one_replica
 from orchestrator.measure.replay import replay_window
-from orchestrator.serving.spec import ServingSpec
-from placement.synthetic import GroupShape, synthetic_plan
 from twin.profile import Profile
 from twin.workload import Workload
 
@@ -62,24 +59,17 @@ def run_fidelity(model_dir: str | Path, profile: Profile, workloads: Sequence[st
     """One result dict per workload (module docstring)."""
     loaded = [Workload.from_yaml(w) for w in workloads]
     adapters = {a.id: a.rank for w in loaded for a in w.adapters}
-    plan = synthetic_plan([GroupShape("fidelity", sorted(adapters.items()))],
-                          profile=profile.name)
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = state_dir / "fidelity-plan.yaml"
-    plan.to_yaml(plan_path)
-    spec = ServingSpec.from_args({"plan_path": str(plan_path), "engine": engine,
-                                  "model": str(model_dir)})
     windows: dict[str, list[OpenLoopResult]] = {}
-    with local_deployment(spec, state_dir, settings=ControllerSettings(auto_apply=False),
-                          progress=progress) as state:
+    with one_replica("fidelity", list(adapters.items()), model_dir, engine=engine,
+                     profile=profile.name, state_dir=state_dir,
+                     progress=progress) as (plan, state):
         for w in loaded:
             for seed in range(runs):
                 progress(f"{w.name} run {seed + 1}/{runs}: {window_s:g} s at {state.url}")
                 windows.setdefault(w.name, []).append(asyncio.run(run_openloop(
                     w, state.url, window_s, seed=seed, progress=progress)))
                 time.sleep(SETTLE_S)
-    with open(state_dir / WINDOWS_FILE, "wb") as f:  # rescore_windows reads them again
+    with open(Path(state_dir) / WINDOWS_FILE, "wb") as f:  # rescore_windows reads them again
         pickle.dump({"engine": engine, "plan": plan, "windows": windows}, f)
     return score_windows(windows, plan, profile, engine)
 

@@ -25,11 +25,8 @@ from typing import Any
 import numpy as np
 
 from load_tests.openloop import OpenLoopResult, run_openloop
-from orchestrator.control.controller import ControllerSettings
-from orchestrator.control.deploy import local_deployment
+from orchestrator.measure.one_replica import one_replica, one_replica_plan
 from orchestrator.measure.replay import replay_window
-from orchestrator.serving.spec import ServingSpec
-from placement.synthetic import GroupShape, synthetic_plan
 from twin.profile import Profile, profile_path
 from twin.serving_path import MeasuredRequests, ServingPath, fit_term
 from twin.workload import Workload
@@ -109,17 +106,10 @@ def measure_serving_path(model_dir: str | Path, profile: Profile, *, engine: str
     at each of the workload's rate ``scales`` (light, busy, saturated: the step terms need
     the decode batch spread up to full), shut it all down, fit (module docstring)."""
     workload = Workload.from_yaml(workload_path)
-    shape = GroupShape("calibrate", [(a.id, a.rank) for a in workload.adapters])
-    plan = synthetic_plan([shape], profile=profile.name)
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = state_dir / "serving-path-plan.yaml"
-    plan.to_yaml(plan_path)
-    spec = ServingSpec.from_args({"plan_path": str(plan_path), "engine": engine,
-                                  "model": str(model_dir)})
     windows = []
-    with local_deployment(spec, state_dir, settings=ControllerSettings(auto_apply=False),
-                          progress=progress) as state:
+    with one_replica("calibrate", [(a.id, a.rank) for a in workload.adapters], model_dir,
+                     engine=engine, profile=profile.name, state_dir=state_dir,
+                     progress=progress) as (plan, state):
         for k, scale in enumerate(scales):
             progress(f"window {k + 1}/{len(scales)}: {duration_s:g} s of {workload.name} "
                      f"x{scale:g}, stamped")
@@ -136,7 +126,7 @@ def measure_serving_path(model_dir: str | Path, profile: Profile, *, engine: str
     source = (f"lorafleet profile --serving-path ({engine}, {workload.name} x"
               f"{'/'.join(f'{s:g}' for s in scales)}, {duration_s:g} s each, seed {seed}, "
               f"{datetime.now(UTC):%Y-%m-%d})")
-    save_windows(state_dir / WINDOWS_FILE, windows, source)
+    save_windows(Path(state_dir) / WINDOWS_FILE, windows, source)
     return fit_window(windows, plan, profile, source=source)
 
 
@@ -179,10 +169,8 @@ def cmd_serving_path(args: Any) -> int:
     state_dir = Path(args.output or "serving-path-run").resolve()
     if args.refit:  # the windows of an earlier measurement, fitted again
         windows, source = load_windows(Path(args.refit) / WINDOWS_FILE)
-        names = sorted({a.id for w in windows for a in w.workload.adapters})
         ranks = {a.id: a.rank for w in windows for a in w.workload.adapters}
-        plan = synthetic_plan([GroupShape("calibrate", [(i, ranks[i]) for i in names])],
-                              profile=profile.name)
+        plan = one_replica_plan("calibrate", list(ranks.items()), profile.name)
         run = fit_window(windows, plan, profile, source=source + " (refitted)")
     else:
         with err.status("measuring the serving path...") as status:
