@@ -365,7 +365,8 @@ def test_serving_path_stamps_and_fit_on_the_sim(sim_app) -> None:
     assert (np.diff(order, axis=0) > -2e-3).all()  # in hop order (clock reads: 2 ms slack)
     run = fit_window([res], plan, load_profile("tiny-llama-cpu"), source="test")
     assert set(run.term.breakdown_ms) == {h[0] for h in HOPS}
-    assert run.term.fitted_on == int(done.sum())
+    # the requests with a first token in the window (some of them cut at its end)
+    assert int(done.sum()) <= run.term.fitted_on <= int(np.isfinite(res.meas.first_token_s).sum())
     # with the fitted term, the replay is the measurement up to the window's noise: first
     # tokens (the path) and decoding (the sim runs the profile's serving-time steps)
     for key in ("ttft_median_ms", "tpot_mean_ms"):
