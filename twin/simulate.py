@@ -125,12 +125,13 @@ def simulate_requests(
         client_max_inflight=client_max_inflight,
     )
     first, finish = eng.first_token_s, eng.finish_s
-    gaps, gap_w = eng.itl_gap_ms, eng.itl_weight
+    # every gap a client waits between tokens: the steps' and the preemptions' (weight 1 each)
+    gaps = np.concatenate([eng.itl_gap_ms, eng.preempt_gap_ms])
+    gap_w = np.concatenate([np.asarray(eng.itl_weight, dtype=float),
+                            np.ones(len(eng.preempt_gap_ms))])
     if term is not None:
         first, finish = term.apply(requests.arrival_s, requests.prompt_len, first, finish, seed)
-        gaps, gap_w = term.itl_gaps(np.concatenate([gaps, eng.preempt_gap_ms]),
-                                    np.concatenate([gap_w, np.ones(len(eng.preempt_gap_ms))]),
-                                    seed)
+        gaps, gap_w = term.itl_gaps(gaps, gap_w, seed)
     rec = RequestRecords(
         arrival_s=requests.arrival_s,
         adapter=requests.adapter,
@@ -143,9 +144,7 @@ def simulate_requests(
         rejected=eng.rejected,
     )
     metrics = aggregate_metrics(
-        rec, duration_s, gaps, gap_w,
-        eng.preempt_gap_ms if term is None else np.zeros(0),
-        quantiles=selected_quantiles,
+        rec, duration_s, gaps, gap_w, np.zeros(0), quantiles=selected_quantiles,
     )
     metrics.update(
         {
@@ -166,9 +165,8 @@ def simulate_requests(
         records=rec,
         timeseries=eng.timeseries,
         engine=eng,
-        itl_gaps_ms=gaps if term is not None else np.concatenate([gaps, eng.preempt_gap_ms]),
-        itl_weights=(gap_w if term is not None else np.concatenate(
-            [np.asarray(gap_w, dtype=float), np.ones(len(eng.preempt_gap_ms))])),
+        itl_gaps_ms=gaps,
+        itl_weights=gap_w,
     )
 
 

@@ -33,7 +33,6 @@ class Replay:
     per_replica: dict[str, dict[str, Any]]
     first_token_s: np.ndarray
     finish_s: np.ndarray
-    gaps: tuple[np.ndarray, np.ndarray]  # the pooled inter-token gaps and their weights
 
 
 def replay_window(res: OpenLoopResult, plan: Plan, profile: Profile, *, seed: int = 0,
@@ -70,4 +69,4 @@ def replay_window(res: OpenLoopResult, plan: Plan, profile: Profile, *, seed: in
     g = np.concatenate(gaps) if gaps else np.zeros(0)
     w = np.concatenate(weights) if weights else np.zeros(0)
     metrics = aggregate_metrics(rec, window, g, w, np.zeros(0), quantiles=weighted_quantiles)
-    return Replay(metrics, per, first, finish, (g, w))
+    return Replay(metrics, per, first, finish)
